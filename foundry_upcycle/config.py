@@ -1,0 +1,177 @@
+"""The `upcycle:` YAML block: a typed, validated config, and the MoE `ffn_config` it expands to.
+
+Pure Python: imports neither torch nor llmfoundry, so it can be used (and tested) anywhere.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+BACKENDS = ('auto', 'torch', 'megablocks')
+DENSE_FFN_TYPES = {'mptglu': 'glu', 'mptmlp': 'mlp'}
+MOE_FFN_TYPES = ('torch_dmoe', 'mb_dmoe', 'mb_moe')
+# MPT's own default activation (exact GELU). megablocks defaults to tanh-GELU, so we always set it.
+DEFAULT_FFN_ACT_FN = {'name': 'gelu', 'approximate': 'none'}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class UpcycleConfig:
+    """The `upcycle:` block. YAML key `from` maps to `source` (``from`` is a Python keyword)."""
+
+    source: Optional[str] = None
+    num_experts: int = 8
+    top_k: int = 2
+    router_init_std: float = 0.02
+    seed: int = 0
+    load_balancing_loss_weight: float = 0.01
+    zloss_weight: float = 0.0
+    expert_noise_std: float = 0.0
+    backend: str = 'auto'
+    moe_world_size: int = 1
+    lr: Optional[float] = None  # optimizer.lr of the upcycled run (the paper used 2x CPT's at 436M); None: the recipe's
+
+    def __post_init__(self):
+        def bad(key: str, why: str):
+            raise ValueError(f'upcycle.{key}: {why}')
+
+        if self.source is not None and (not isinstance(self.source, str) or not self.source):
+            bad('from', f'must be a non-empty path string, got {self.source!r}')
+        if not _is_int(self.num_experts) or self.num_experts < 2:
+            bad('num_experts', f'must be an integer >= 2, got {self.num_experts!r}')
+        if not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
+            bad('top_k', f'must be an integer in [1, num_experts={self.num_experts}], got {self.top_k!r}')
+        if not _is_number(self.router_init_std) or not self.router_init_std > 0:
+            bad('router_init_std', f'must be > 0 (a zero router breaks routing), got {self.router_init_std!r}')
+        if not _is_int(self.seed):
+            bad('seed', f'must be an integer, got {self.seed!r}')
+        for key in ('load_balancing_loss_weight', 'zloss_weight', 'expert_noise_std'):
+            value = getattr(self, key)
+            if not _is_number(value) or value < 0:
+                bad(key, f'must be a number >= 0, got {value!r}')
+        if self.lr is not None and (not _is_number(self.lr) or not self.lr > 0):
+            bad('lr', f'must be a number > 0, got {self.lr!r}')
+        if self.backend not in BACKENDS:
+            bad('backend', f'must be one of {BACKENDS}, got {self.backend!r}')
+        if not _is_int(self.moe_world_size) or self.moe_world_size < 1:
+            bad('moe_world_size', f'must be an integer >= 1, got {self.moe_world_size!r}')
+        if self.num_experts % self.moe_world_size:
+            bad('moe_world_size', f'{self.moe_world_size} must divide num_experts={self.num_experts}')
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return ['from' if f.name == 'source' else f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> 'UpcycleConfig':
+        if block is None:
+            block = {}
+        if not isinstance(block, Mapping):
+            raise ValueError(f'upcycle: expected a mapping of options, got {type(block).__name__}')
+        unknown = sorted(set(block) - set(cls.keys()))
+        if unknown:
+            raise ValueError(f'upcycle: unknown key(s) {unknown}; allowed keys are {cls.keys()}')
+        kwargs = {('source' if k == 'from' else k): v for k, v in block.items()}
+        for key in ('router_init_std', 'load_balancing_loss_weight', 'zloss_weight', 'expert_noise_std', 'lr'):
+            if _is_int(kwargs.get(key)):
+                kwargs[key] = float(kwargs[key])
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out['from'] = out.pop('source')
+        return out
+
+    @property
+    def exact(self) -> bool:
+        """Whether the freshly upcycled model reproduces the dense model's function."""
+        return self.expert_noise_std == 0
+
+
+def dense_ffn_shape(model_cfg: Mapping[str, Any]) -> tuple[str, int]:
+    """(mlp_type, ffn_hidden_size) of a dense MPT model config, or ValueError naming the bad key."""
+    ffn = model_cfg.get('ffn_config') or {'ffn_type': 'mptmlp'}
+    ffn_type = ffn.get('ffn_type', 'mptmlp')
+    if ffn_type in MOE_FFN_TYPES:
+        raise ValueError(
+            f'model.ffn_config.ffn_type is {ffn_type!r}, already a mixture of experts: the upcycle block '
+            'expects the dense recipe (mptglu or mptmlp) and expands it itself',
+        )
+    if ffn_type not in DENSE_FFN_TYPES:
+        raise ValueError(
+            f'model.ffn_config.ffn_type {ffn_type!r} cannot be upcycled; supported: {sorted(DENSE_FFN_TYPES)}',
+        )
+    d_model = model_cfg.get('d_model', 2048)
+    hidden = ffn.get('ffn_hidden_size')
+    if hidden is None:
+        ratio = model_cfg.get('expansion_ratio', 4)
+        hidden = d_model * ratio
+        if int(hidden) != hidden:
+            raise ValueError(f'model.d_model * model.expansion_ratio must be an integer, got {hidden}')
+    return DENSE_FFN_TYPES[ffn_type], int(hidden)
+
+
+def check_no_ffn_bias(model_cfg: Mapping[str, Any]) -> None:
+    """MoE experts (torch_dmoe, mb_dmoe) hold no biases. MPTBlock derives FFN biases from `no_bias`."""
+    if not model_cfg.get('no_bias', False):
+        raise ValueError(
+            'model.no_bias must be true: the dense FFN then has biases, which bias-free experts '
+            '(torch_dmoe / mb_dmoe) cannot hold, so the upcycled model could not reproduce it',
+        )
+
+
+# ffn_config keys the block decides; a dense recipe that sets one of them to another value contradicts it.
+_BLOCK_OWNED = {
+    'moe_num_experts': lambda c: c.num_experts,
+    'moe_top_k': lambda c: c.top_k,
+    'moe_world_size': lambda c: c.moe_world_size,
+    'moe_loss_weight': lambda c: c.load_balancing_loss_weight,
+}
+_EXACTNESS = {'moe_normalize_expert_weights': 1, 'moe_jitter_eps': None, 'uniform_expert_assignment': False}
+
+
+def moe_ffn_config(model_cfg: Mapping[str, Any], cfg: UpcycleConfig, backend: str) -> dict[str, Any]:
+    """The MoE `ffn_config` that replaces the dense one. backend: 'torch' or 'megablocks'."""
+    assert backend in ('torch', 'megablocks'), backend
+    check_no_ffn_bias(model_cfg)
+    mlp_type, hidden = dense_ffn_shape(model_cfg)
+    dense = dict(model_cfg.get('ffn_config') or {})
+    for key, want in _BLOCK_OWNED.items():
+        if key in dense and dense[key] != want(cfg):
+            raise ValueError(
+                f'model.ffn_config.{key}={dense[key]!r} contradicts the upcycle block ({want(cfg)!r}); '
+                'remove it from ffn_config',
+            )
+    for key, want in _EXACTNESS.items():
+        if key in dense and dense[key] != want:
+            raise ValueError(
+                f'model.ffn_config.{key}={dense[key]!r} breaks function preservation (upcycling needs {want!r})',
+            )
+    out: dict[str, Any] = {
+        'ffn_type': 'torch_dmoe' if backend == 'torch' else 'mb_dmoe',
+        'ffn_hidden_size': hidden,
+        'ffn_act_fn': copy.deepcopy(dense.get('ffn_act_fn') or DEFAULT_FFN_ACT_FN),
+        'mlp_type': mlp_type,
+        'moe_num_experts': cfg.num_experts,
+        'moe_top_k': cfg.top_k,
+        **_EXACTNESS,
+    }
+    if backend == 'megablocks':
+        out.pop('uniform_expert_assignment')
+        out.update(
+            moe_world_size=cfg.moe_world_size,
+            mlp_impl='grouped',
+            moe_loss_weight=cfg.load_balancing_loss_weight,
+        )
+    elif cfg.moe_world_size != 1:
+        raise ValueError('upcycle.moe_world_size > 1 (expert parallelism) needs the megablocks backend')
+    return out

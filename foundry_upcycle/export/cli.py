@@ -1,0 +1,58 @@
+"""`foundry-upcycle export` and `foundry-upcycle import-hf`. Imports only argparse here; handlers import lazily."""
+from __future__ import annotations
+
+import argparse
+
+TARGETS = ('auto', 'llama', 'mistral', 'mixtral', 'dbrx')
+
+
+def _export(args: argparse.Namespace) -> int:
+    from foundry_upcycle.export.hf_export import export_checkpoint, parse_dtype
+    out = export_checkpoint(args.checkpoint, args.config, args.out, target=args.target, tokenizer=args.tokenizer,
+                            overwrite=args.overwrite, dtype=parse_dtype(args.dtype))
+    print(f'wrote {out}')
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from foundry_upcycle.export.hf_import import import_hf_to_mixtral
+    result = import_hf_to_mixtral(
+        args.src, args.out, num_experts=args.num_experts, top_k=args.top_k, router_init_std=args.router_init_std,
+        seed=args.seed, load_balancing_loss_weight=args.load_balancing_loss_weight, shard_size_mb=args.shard_size_mb,
+        overwrite=args.overwrite,
+    )
+    print(f'wrote {result.path}: {result.tensors} tensors, {result.bytes_written / 1e9:.3f} GB '
+          f'in {result.shards} shard(s)')
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser('export', help='export an MPT checkpoint to Hugging Face Llama/Mistral/Mixtral/DBRX',
+                              description='Export a Composer MPT checkpoint (dense or upcycled MoE) plus its YAML '
+                                          'recipe to a Hugging Face model directory.')
+    p.add_argument('--checkpoint', required=True, help='Composer checkpoint (.pt) or safetensors state dict')
+    p.add_argument('--config', required=True, help='the YAML recipe the checkpoint was trained with (model: block, '
+                                                   'and its upcycle: block if any)')
+    p.add_argument('--out', required=True, help='output directory (written atomically)')
+    p.add_argument('--target', default='auto', choices=TARGETS,
+                   help='auto: llama for dense, mixtral for RMSNorm MoE, dbrx for LayerNorm MoE')
+    p.add_argument('--tokenizer', default=None, help='tokenizer directory to include')
+    p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16'),
+                   help='cast weights (default: keep the checkpoint dtype)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing non-empty --out')
+    p.set_defaults(func=_export)
+
+    p = subparsers.add_parser('import-hf', help='upcycle a dense HF Llama/Mistral checkpoint into Mixtral',
+                              description='Stream a dense Hugging Face Llama/Mistral safetensors checkpoint into a '
+                                          'Mixtral checkpoint (experts copied from the MLP, random router) that '
+                                          "foundry's hf_causal_lm trains with the load-balancing loss on.")
+    p.add_argument('--src', required=True, help='dense HF model directory (safetensors, single or sharded)')
+    p.add_argument('--out', required=True, help='output directory (written atomically)')
+    p.add_argument('--num-experts', type=int, default=8)
+    p.add_argument('--top-k', type=int, default=2)
+    p.add_argument('--router-init-std', type=float, default=0.02)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--load-balancing-loss-weight', type=float, default=0.01)
+    p.add_argument('--shard-size-mb', type=float, default=2048, help='maximum output shard size (default 2048)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing non-empty --out')
+    p.set_defaults(func=_import_hf)

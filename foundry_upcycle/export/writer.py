@@ -1,0 +1,217 @@
+"""Writing Hugging Face checkpoint directories: atomically, and streaming tensors into safetensors shards.
+
+A directory appears under its final name only when complete: it is built in a temp dir beside the target
+(`.<name>.<tag>-tmp-<pid>-<random>`) and renamed at the end. A killed run leaves only such a temp dir, which
+the next run of the same tool removes once its process is gone.
+
+Shards are written tensor by tensor: the plan (names, shapes, dtypes) is fixed before any data is read, so
+each safetensors header can be written first and each tensor's bytes appended as it is produced. Memory is
+bounded by the largest single job (one source tensor and what it expands to), not by the shard or model.
+Imports torch, tqdm and the standard library only.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES = {
+    torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16', torch.float64: 'F64',
+    torch.int64: 'I64', torch.int32: 'I32', torch.int16: 'I16', torch.int8: 'I8', torch.uint8: 'U8',
+    torch.bool: 'BOOL',
+}
+TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+INDEX_NAME = 'model.safetensors.index.json'
+SINGLE_NAME = 'model.safetensors'
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: `produce()` returns the tensors described by `specs`, in that order."""
+    specs: tuple[TensorSpec, ...]
+    produce: Callable[[], Sequence[torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+# ---------------------------------------------------------------- atomic output directory
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(dest: Path, tag: str) -> None:
+    pattern = re.compile(rf'^\.{re.escape(dest.name)}\.{re.escape(tag)}-(tmp|old)-(\d+)-[0-9a-f]+$')
+    for p in dest.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and not _pid_alive(int(m[2])):
+            log.warning('removing %s, left by an interrupted run', p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, tag: str, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temp dir beside `out`; on clean exit it becomes `out`, on any error it is removed.
+
+    An existing non-empty `out` is refused unless overwrite=True (then it is replaced only at the end).
+    """
+    dest = Path(out).expanduser().absolute()
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f'output {dest} exists and is not a directory')
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise ValueError(f'output {dest} exists and is not empty; choose another directory or pass overwrite')
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(dest, tag)
+    suffix = f'{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    tmp = dest.parent / f'.{dest.name}.{tag}-tmp-{suffix}'
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if dest.exists():
+            old = dest.parent / f'.{dest.name}.{tag}-old-{suffix}'
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------- streaming safetensors shards
+
+def plan_shards(jobs: Sequence[Job], max_shard_bytes: int) -> list[list[Job]]:
+    """Greedy packing in order; a job is never split across shards (so one job may exceed the limit)."""
+    shards: list[list[Job]] = [[]]
+    size = 0
+    for job in jobs:
+        if shards[-1] and size + job.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(job)
+        size += job.nbytes
+    return shards
+
+
+def _header(specs: Sequence[TensorSpec], metadata: Optional[dict[str, str]]) -> bytes:
+    header: dict = {'__metadata__': dict(metadata or {'format': 'pt'})}
+    offset = 0
+    for s in specs:
+        if s.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f'{s.name}: dtype {s.dtype} cannot be stored in safetensors')
+        header[s.name] = {'dtype': SAFETENSORS_DTYPES[s.dtype], 'shape': list(s.shape),
+                          'data_offsets': [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(',', ':')).encode()
+    return raw + b' ' * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
+
+
+def _write_bytes(f, t: torch.Tensor) -> None:
+    if t.numel():
+        f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def write_safetensors_stream(path: Path, jobs: Sequence[Job], metadata: Optional[dict[str, str]] = None,
+                             on_job: Optional[Callable[[Job], None]] = None) -> None:
+    """Writes one safetensors file from `jobs`, one job in memory at a time, and fsyncs it."""
+    specs = [s for job in jobs for s in job.specs]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f'{path.name}: duplicate tensor names')
+    header = _header(specs, metadata)
+    with open(path, 'wb') as f:
+        f.write(struct.pack('<Q', len(header)))
+        f.write(header)
+        for job in jobs:
+            tensors = job.produce()
+            if len(tensors) != len(job.specs):
+                raise RuntimeError(f'job for {job.specs[0].name} produced {len(tensors)} tensors, '
+                                   f'planned {len(job.specs)}')
+            for spec, t in zip(job.specs, tensors):
+                if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
+                    raise RuntimeError(f'{spec.name}: produced {tuple(t.shape)} {t.dtype}, '
+                                       f'planned {spec.shape} {spec.dtype}')
+                _write_bytes(f, t)
+            del tensors
+            if on_job is not None:
+                on_job(job)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def shard_names(n: int) -> list[str]:
+    return [SINGLE_NAME] if n == 1 else [f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)]
+
+
+def write_sharded(out_dir: Path, jobs: Sequence[Job], max_shard_bytes: int, desc: str = 'writing tensors',
+                  progress: bool = True) -> list[Path]:
+    """Writes `jobs` as model.safetensors, or as numbered shards plus model.safetensors.index.json."""
+    from tqdm.auto import tqdm
+
+    shards = plan_shards(jobs, max_shard_bytes)
+    names = shard_names(len(shards))
+    total = sum(job.nbytes for job in jobs)
+    paths = []
+    with tqdm(total=sum(len(j.specs) for j in jobs), desc=desc, unit='tensor', disable=not progress) as bar:
+        for name, shard in zip(names, shards):
+            write_safetensors_stream(out_dir / name, shard, on_job=lambda job: bar.update(len(job.specs)))
+            paths.append(out_dir / name)
+    if len(shards) > 1:
+        weight_map = {s.name: name for name, shard in zip(names, shards) for job in shard for s in job.specs}
+        index = {'metadata': {'total_size': total}, 'weight_map': weight_map}
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + '\n')
+    return paths
+
+
+def in_memory_jobs(tensors: dict[str, torch.Tensor]) -> list[Job]:
+    """One job per tensor already in memory."""
+    return [Job((TensorSpec(k, tuple(v.shape), v.dtype),), (lambda v=v: [v])) for k, v in tensors.items()]
+
+
+# ---------------------------------------------------------------- tokenizer files
+
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
+                   'vocab.json', 'merges.txt', 'added_tokens.json', 'vocab.txt', 'spiece.model')
+
+
+def copy_tokenizer_files(src: Path, dst: Path, extra: Sequence[str] = ()) -> list[str]:
+    """Copies the tokenizer files found in `src` (and `extra` names) into `dst`; returns the names copied."""
+    copied = []
+    for name in (*TOKENIZER_FILES, *extra):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

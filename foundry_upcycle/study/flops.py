@@ -1,0 +1,227 @@
+"""Parameter counts and training FLOPs per token of an MPT model config (a foundry YAML `model:` block).
+
+Pure Python: reads the config dict only, builds nothing. Defaults follow llmfoundry 0.22's `MPTConfig`.
+
+Per-token training FLOPs (the paper's accounting, also Kaplan et al. / Chinchilla):
+    6 * (active non-embedding params + LM head [V*D]) + 12 * L * S * D_attn
+with L layers, S the sequence length, D_attn = n_heads * head_dim (= d_model unless head_dim is set).
+"Active" counts top_k of the E experts (plus the router) in each MoE layer. At matched training FLOPs
+the MoE arm therefore sees fewer tokens than the dense (CPT) arm: tokens_moe / tokens_dense = fpt_dense / fpt_moe.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# llmfoundry.models.mpt.MPTConfig defaults (and models/utils/config_defaults.py).
+MPT_DEFAULTS: dict[str, Any] = {
+    'd_model': 2048,
+    'n_heads': 16,
+    'n_layers': 24,
+    'head_dim': None,
+    'expansion_ratio': 4,
+    'max_seq_len': 2048,
+    'vocab_size': 50368,
+    'learned_pos_emb': True,
+    'no_bias': False,
+    'attention_bias': None,
+    'norm_type': 'low_precision_layernorm',
+    'tie_word_embeddings': True,
+}
+DENSE_FFNS = {'mptmlp': 2, 'mptglu': 3}            # weight matrices per FFN
+MOE_FFNS = ('torch_dmoe', 'mb_dmoe', 'mb_moe')
+MOE_MATRICES = {'mlp': 2, 'glu': 3}
+
+
+@dataclass(frozen=True)
+class ParamBreakdown:
+    """Parameter counts of one MPT config, split the way the FLOP formula needs them."""
+    embedding: int          # wte (+ wpe when learned positions are used)
+    lm_head: int            # untied head's parameters; 0 when tied to wte
+    head_matmul: int        # V * D: the LM head's multiply-adds per token, tied or not
+    per_layer_shared: int   # norms, attention, router and anything not replicated per expert
+    per_expert: int         # one expert's FFN parameters (the whole dense FFN when not an MoE)
+    num_experts: int        # 1 for a dense FFN
+    top_k: int              # 1 for a dense FFN
+    n_layers: int
+    final_norm: int
+    attn_width: int         # n_heads * head_dim
+    vocab_size: int
+    d_model: int
+
+    @property
+    def total(self) -> int:
+        per_layer = self.per_layer_shared + self.num_experts * self.per_expert
+        return self.embedding + self.lm_head + self.n_layers * per_layer + self.final_norm
+
+    @property
+    def active(self) -> int:
+        return self.total - self.n_layers * (self.num_experts - self.top_k) * self.per_expert
+
+    @property
+    def active_non_embedding(self) -> int:
+        return self.active - self.embedding - self.lm_head
+
+
+def _get(cfg: Mapping[str, Any], key: str) -> Any:
+    return cfg[key] if cfg.get(key) is not None else MPT_DEFAULTS[key]
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name} must be a positive integer, got {value!r}')
+    return value
+
+
+def _norm_params(cfg: Mapping[str, Any], width: int) -> int:
+    # LayerNorm has weight and bias, RMSNorm a weight only; MPTModel drops every non-Linear bias under no_bias.
+    has_bias = 'rmsnorm' not in _get(cfg, 'norm_type').lower() and not _get(cfg, 'no_bias')
+    return width * (1 + has_bias)
+
+
+def _kv_heads(attn: Mapping[str, Any], n_heads: int) -> int:
+    attn_type = attn.get('attn_type', 'multihead_attention')
+    if attn_type == 'multihead_attention':
+        return n_heads
+    if attn_type == 'multiquery_attention':
+        return 1
+    if attn_type == 'grouped_query_attention':
+        if attn.get('kv_n_heads') is None:
+            raise ValueError('model.attn_config.kv_n_heads is required with attn_type grouped_query_attention')
+        return _positive_int(attn['kv_n_heads'], 'model.attn_config.kv_n_heads')
+    raise ValueError(f'model.attn_config.attn_type {attn_type!r} is not supported by the FLOP count')
+
+
+def _attention_params(cfg: Mapping[str, Any], d_model: int) -> tuple[int, int]:
+    """(params of one attention layer incl. qk norms, n_heads * head_dim)."""
+    attn = cfg.get('attn_config') or {}
+    if attn.get('kv_dim') is not None:
+        raise ValueError('model.attn_config.kv_dim (cross attention) is not supported by the FLOP count')
+    n_heads = _positive_int(_get(cfg, 'n_heads'), 'model.n_heads')
+    head_dim = cfg.get('head_dim') or d_model // n_heads
+    kv = _kv_heads(attn, n_heads)
+    no_bias = bool(_get(cfg, 'no_bias'))
+    qkv_bias = cfg.get('attention_bias')
+    qkv_bias = (not no_bias) if qkv_bias is None else bool(qkv_bias)
+    q_out, kv_out = n_heads * head_dim, kv * head_dim
+    params = d_model * (q_out + 2 * kv_out) + (q_out + 2 * kv_out) * qkv_bias     # Wqkv (fused or not)
+    params += q_out * d_model + d_model * (not no_bias)                            # out_proj
+    if attn.get('qk_ln'):
+        params += _norm_params(cfg, q_out) + _norm_params(cfg, kv_out)
+    elif attn.get('qk_gn'):
+        params += 2 * _norm_params(cfg, head_dim)
+    return params, q_out
+
+
+def _ffn_hidden(cfg: Mapping[str, Any], ffn: Mapping[str, Any], d_model: int) -> int:
+    if ffn.get('ffn_hidden_size') is not None:
+        return _positive_int(ffn['ffn_hidden_size'], 'model.ffn_config.ffn_hidden_size')
+    hidden = d_model * _get(cfg, 'expansion_ratio')
+    if int(hidden) != hidden:
+        raise ValueError(f'model.d_model * model.expansion_ratio must be an integer, got {hidden}')
+    return int(hidden)
+
+
+def _ffn_params(cfg: Mapping[str, Any], d_model: int) -> tuple[int, int, int, int]:
+    """(shared params per layer, params per expert, num_experts, top_k) of one FFN layer."""
+    ffn = cfg.get('ffn_config') or {'ffn_type': 'mptmlp'}
+    ffn_type = ffn.get('ffn_type', 'mptmlp')
+    hidden = _ffn_hidden(cfg, ffn, d_model)
+    bias = not _get(cfg, 'no_bias')
+    if ffn_type in DENSE_FFNS:
+        n_mat = DENSE_FFNS[ffn_type]
+        return 0, n_mat * hidden * d_model + bias * ((n_mat - 1) * hidden + d_model), 1, 1
+    if ffn_type not in MOE_FFNS:
+        raise ValueError(f'model.ffn_config.ffn_type {ffn_type!r} is not supported by the FLOP count; '
+                         f'supported: {sorted(DENSE_FFNS) + list(MOE_FFNS)}')
+    for key in ('moe_num_experts', 'moe_top_k'):
+        if ffn.get(key) is None:
+            raise ValueError(f'model.ffn_config.{key} must be set for ffn_type {ffn_type}')
+    experts = _positive_int(ffn['moe_num_experts'], 'model.ffn_config.moe_num_experts')
+    top_k = _positive_int(ffn['moe_top_k'], 'model.ffn_config.moe_top_k')
+    if top_k > experts:
+        raise ValueError(f'model.ffn_config.moe_top_k={top_k} exceeds moe_num_experts={experts}')
+    mlp_type = ffn.get('mlp_type', 'mlp')
+    if mlp_type not in MOE_MATRICES:
+        raise ValueError(f'model.ffn_config.mlp_type must be one of {sorted(MOE_MATRICES)}, got {mlp_type!r}')
+    router = experts * d_model                      # router.layer: Linear(D, E, bias=False)
+    # torch_dmoe holds no biases; megablocks adds one output bias of size D when bias is on.
+    shared = router + (d_model if bias and ffn_type != 'torch_dmoe' else 0)
+    return shared, MOE_MATRICES[mlp_type] * hidden * d_model, experts, top_k
+
+
+def param_breakdown(model_cfg: Mapping[str, Any]) -> ParamBreakdown:
+    """Parameter counts of an MPT `model:` config, or ValueError naming the key it cannot count."""
+    if not isinstance(model_cfg, Mapping):
+        raise ValueError(f'model config must be a mapping, got {type(model_cfg).__name__}')
+    if model_cfg.get('block_overrides'):
+        raise ValueError('model.block_overrides is not supported by the FLOP count (it changes per-layer shapes)')
+    d_model = _positive_int(_get(model_cfg, 'd_model'), 'model.d_model')
+    n_layers = _positive_int(_get(model_cfg, 'n_layers'), 'model.n_layers')
+    vocab = _positive_int(_get(model_cfg, 'vocab_size'), 'model.vocab_size')
+    attn = model_cfg.get('attn_config') or {}
+    learned_pos = bool(_get(model_cfg, 'learned_pos_emb')) and not (attn.get('alibi') or attn.get('rope'))
+    embedding = vocab * d_model + (_get(model_cfg, 'max_seq_len') * d_model if learned_pos else 0)
+    tied = bool(_get(model_cfg, 'tie_word_embeddings'))
+    attn_params, attn_width = _attention_params(model_cfg, d_model)
+    ffn_shared, per_expert, experts, top_k = _ffn_params(model_cfg, d_model)
+    return ParamBreakdown(
+        embedding=embedding,
+        lm_head=0 if tied else vocab * d_model,
+        head_matmul=vocab * d_model,
+        per_layer_shared=2 * _norm_params(model_cfg, d_model) + attn_params + ffn_shared,
+        per_expert=per_expert,
+        num_experts=experts,
+        top_k=top_k,
+        n_layers=n_layers,
+        final_norm=_norm_params(model_cfg, d_model),
+        attn_width=attn_width,
+        vocab_size=vocab,
+        d_model=d_model,
+    )
+
+
+def param_counts(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """(total, active) parameters; they differ only for an MoE (active counts top_k experts per layer)."""
+    b = param_breakdown(model_cfg)
+    return b.total, b.active
+
+
+def train_flops_per_token(model_cfg: Mapping[str, Any], seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (active non-embedding + V*D) + 12 * L * seq_len * D_attn."""
+    seq_len = _positive_int(seq_len, 'seq_len')
+    b = param_breakdown(model_cfg)
+    return 6.0 * (b.active_non_embedding + b.head_matmul) + 12.0 * b.n_layers * seq_len * b.attn_width
+
+
+def token_ratio(dense_cfg: Mapping[str, Any], moe_cfg: Mapping[str, Any], seq_len: int) -> float:
+    """Upcycled (MoE) tokens / CPT (dense) tokens at matched training FLOPs."""
+    return train_flops_per_token(dense_cfg, seq_len) / train_flops_per_token(moe_cfg, seq_len)
+
+
+def _check_budget(budget_fraction: float, pretrain_tokens: int) -> None:
+    if isinstance(budget_fraction, bool) or not isinstance(budget_fraction, (int, float)) \
+            or not math.isfinite(budget_fraction) or budget_fraction <= 0:
+        raise ValueError(f'budget fraction must be a number > 0, got {budget_fraction!r}')
+    _positive_int(pretrain_tokens, 'pretrain_tokens')
+
+
+def matched_tokens(dense_cfg: Mapping[str, Any], moe_cfg: Mapping[str, Any], budget_fraction: float,
+                   pretrain_tokens: int, seq_len: int) -> tuple[int, int]:
+    """(cpt_tokens, upcycle_tokens) that each spend `budget_fraction` x the dense pretraining FLOPs.
+
+    Rounded down, so neither arm exceeds the budget.
+    """
+    _check_budget(budget_fraction, pretrain_tokens)
+    dense_fpt = train_flops_per_token(dense_cfg, seq_len)
+    budget = budget_fraction * pretrain_tokens * dense_fpt
+    return math.floor(budget / dense_fpt + 1e-9), math.floor(budget / train_flops_per_token(moe_cfg, seq_len))
+
+
+def matched_steps(dense_cfg: Mapping[str, Any], moe_cfg: Mapping[str, Any], budget_fraction: float,
+                  pretrain_tokens: int, seq_len: int, tokens_per_step: int) -> tuple[int, int]:
+    """(cpt_steps, upcycle_steps) at `tokens_per_step` (global batch x seq_len) each, nearest whole step, >= 1."""
+    tokens_per_step = _positive_int(tokens_per_step, 'tokens_per_step')
+    cpt, upcycle = matched_tokens(dense_cfg, moe_cfg, budget_fraction, pretrain_tokens, seq_len)
+    return max(1, round(cpt / tokens_per_step)), max(1, round(upcycle / tokens_per_step))

@@ -1,0 +1,97 @@
+"""Registered config transform: expands a recipe's top-level `upcycle:` block.
+
+Foundry runs every registered transform on every `train` (before its unknown-key check), so this is a no-op
+when the block is absent. With the block, the dense recipe's FFN becomes a dropless top-k MoE built from
+config (so the optimizer sees the MoE parameters), and the dense checkpoint is loaded by `UpcycleLoader`
+at BEFORE_LOAD, before Composer's autoresume, which then wins on a restart.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from foundry_upcycle.checkpoint_io import require_readable_file
+from foundry_upcycle.config import UpcycleConfig, moe_ffn_config
+from foundry_upcycle.moe_backend import resolve_backend
+
+log = logging.getLogger(__name__)
+
+BLOCK_KEY = 'upcycle'
+LOADER_NAME = 'upcycle_loader'
+MODEL_NAME = 'mpt_upcycle_causal_lm'
+_DENSE_MODEL_NAMES = ('mpt_causal_lm', MODEL_NAME)
+# Options of a CPT recipe's dense load that the upcycle loader takes over.
+_LOAD_KEYS = ('load_path', 'load_weights_only', 'load_strict_model_weights', 'load_ignore_keys')
+
+
+def apply_upcycle_block(cfg: dict[str, Any]) -> dict[str, Any]:
+    if BLOCK_KEY not in cfg:
+        return cfg
+    cfg = copy.deepcopy(dict(cfg))
+    ucfg = UpcycleConfig.from_mapping(cfg.pop(BLOCK_KEY))
+    return expand(cfg, ucfg)
+
+
+def expand(cfg: dict[str, Any], ucfg: UpcycleConfig) -> dict[str, Any]:
+    """The recipe `cfg` (without its upcycle block) turned into the upcycling recipe."""
+    if cfg.get('python_log_level'):  # foundry sets its own loggers' level; ours follows it
+        logging.getLogger('foundry_upcycle').setLevel(str(cfg['python_log_level']).upper())
+    model = cfg.get('model')
+    if not isinstance(model, dict):
+        raise ValueError('upcycle: the recipe has no `model:` block to upcycle')
+    if model.get('name') not in _DENSE_MODEL_NAMES:
+        raise ValueError(f'model.name {model.get("name")!r}: the upcycle block supports MPT models (mpt_causal_lm)')
+    backend = resolve_backend(ucfg.backend)
+    model['ffn_config'] = moe_ffn_config(model, ucfg, backend)
+    model['name'] = MODEL_NAME
+    # mb_dmoe's load-balancing loss is added by foundry itself (moe_loss_weight); torch_dmoe's by our model.
+    model['load_balancing_loss_weight'] = ucfg.load_balancing_loss_weight if backend == 'torch' else 0.0
+    model['router_zloss_weight'] = ucfg.zloss_weight
+    source = _take_source(cfg, ucfg)
+    if ucfg.lr is not None:
+        if not isinstance(cfg.get('optimizer'), dict):
+            raise ValueError('upcycle.lr is set but the recipe has no `optimizer:` block')
+        _set_lr(cfg['optimizer'], ucfg.lr)
+    callbacks = cfg.get('callbacks') or {}
+    if LOADER_NAME in callbacks:
+        raise ValueError(f'callbacks.{LOADER_NAME} is set by the upcycle block; remove it from the recipe')
+    callbacks[LOADER_NAME] = {
+        'source': source,
+        'num_experts': ucfg.num_experts,
+        'router_init_std': ucfg.router_init_std,
+        'seed': ucfg.seed,
+        'expert_noise_std': ucfg.expert_noise_std,
+    }
+    cfg['callbacks'] = callbacks
+    if not ucfg.exact:
+        log.warning('upcycle.expert_noise_std=%s: the upcycled model will not reproduce the dense one at step 0',
+                    ucfg.expert_noise_std)
+    log.info('upcycle: %d experts, top-%d, %s backend, dense weights from %s', ucfg.num_experts, ucfg.top_k,
+             model['ffn_config']['ffn_type'], source)
+    return cfg
+
+
+def _take_source(cfg: dict[str, Any], ucfg: UpcycleConfig) -> str:
+    """The dense checkpoint: `upcycle.from`, or the CPT recipe's own `load_path`, whose loading we take over."""
+    load_path = cfg.get('load_path')
+    source = ucfg.source or load_path
+    if source is None:
+        raise ValueError('upcycle.from: missing; name the dense checkpoint (or keep the CPT recipe\'s load_path)')
+    if load_path is not None and load_path != source:
+        raise ValueError(f'upcycle.from ({source}) and load_path ({load_path}) name different checkpoints; '
+                         'the upcycle block loads the dense one itself, so drop load_path')
+    for key in _LOAD_KEYS:
+        cfg.pop(key, None)
+    if '://' not in source:
+        require_readable_file(source, 'upcycle.from')
+    return source
+
+
+def _set_lr(optimizer: dict[str, Any], lr: float) -> None:
+    """Sets lr; Composer's decoupled optimizers decay by weight_decay per step (not lr * weight_decay), so their
+    weight_decay scales with lr to keep the paper's (coupled) decay."""
+    old = optimizer.get('lr')
+    if str(optimizer.get('name', '')).startswith('decoupled_') and old and optimizer.get('weight_decay'):
+        optimizer['weight_decay'] = float(optimizer['weight_decay']) * lr / float(old)
+    optimizer['lr'] = lr

@@ -1,0 +1,363 @@
+"""Inference benchmark (tiny synthetic models, CPU) and the cost report (synthetic results.json)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import time
+
+import pytest
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+
+torch = pytest.importorskip('torch')
+
+from foundry_upcycle.bench import cli as bench_cli  # noqa: E402
+from foundry_upcycle.bench import cost as C  # noqa: E402
+from foundry_upcycle.bench import inference as I  # noqa: E402
+from foundry_upcycle.bench.outputs import write_atomically  # noqa: E402
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+# ------------------------------------------------------------------------------------ synthetic models
+
+def test_synthetic_moe_is_the_upcycled_dense_model():
+    shape = I.SHAPES['tiny']
+    dense = I.synthetic_dense(shape, max_len=32, seed=0)
+    moe = I.upcycle_to_mixtral(dense, shape.num_experts, top_k=2, router_init_std=0.02, seed=0)
+    assert sum(p.numel() for p in dense.parameters()) == shape.params()
+    assert sum(p.numel() for p in moe.parameters()) == shape.params(moe=True)
+    x = torch.randint(3, shape.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = dense(x).logits
+        for k in (1, 2):
+            I.set_top_k(moe, k)
+            assert (moe(x).logits - ref).abs().max().item() < 1e-4
+    total, active1 = I.param_counts(moe, 1)
+    _, active2 = I.param_counts(moe, 2)
+    expert = 3 * shape.d_model * shape.ffn_hidden * shape.n_layers  # one expert, all layers
+    assert active2 - active1 == expert
+    assert total - active2 == (shape.num_experts - 2) * expert
+
+
+def test_paper_shapes_have_the_paper_sizes():
+    assert round(I.SHAPES['436m'].params() / 1e6) == 436
+    assert round(I.SHAPES['436m'].params(moe=True) / 1e8) == 16
+    assert round(I.SHAPES['1.4b'].params() / 1e8) == 14
+    assert round(I.SHAPES['1.4b'].params(moe=True) / 1e8) == 67
+
+
+def test_vllm_request_falls_back_with_a_warning(caplog, monkeypatch):
+    monkeypatch.setattr(I, 'vllm_available', lambda: False)
+    with caplog.at_level(logging.WARNING, logger=I.__name__):
+        assert I.resolve_engine('vllm', torch.device('cpu')) == 'hf'
+    assert any('vllm' in r.message.lower() and 'falling back' in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=I.__name__):
+        assert I.resolve_engine('auto', torch.device('cpu')) == 'hf'
+    assert not caplog.records  # auto chose; nothing the user asked for was refused
+
+
+def test_config_errors_name_the_bad_key(tmp_path):
+    with pytest.raises(ValueError, match='workload.output_tokens'):
+        I.Workload(output_tokens=0)
+    with pytest.raises(ValueError, match='rates'):
+        I.Workload(rates=(1.0, -2.0))
+    with pytest.raises(ValueError, match='engine'):
+        I.BenchConfig(engine='tgi')
+    with pytest.raises(ValueError, match='dense_path'):
+        I.BenchConfig(dense_path=str(tmp_path))  # no config.json
+    with pytest.raises(ValueError, match='n_kv_heads'):
+        I.ModelShape(64, 2, 128, 4, 3, 100)
+
+
+# ------------------------------------------------------------------------------------- the benchmark
+
+@pytest.fixture(scope='module')
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench')
+    wl = I.Workload(input_tokens=16, output_tokens=4, num_requests=4, batch_sizes=(1, 2), rates=(200.0,),
+                    online_max_seconds=10.0, repeats=2)
+    result = I.benchmark(I.BenchConfig(workload=wl, threads=1, progress=False, device='cpu'), str(out))
+    return out, result
+
+
+def test_benchmark_writes_json_plot_and_table(bench):
+    out, result = bench
+    assert sorted(p.name for p in out.iterdir()) == ['inference.json', 'latency_vs_throughput.png',
+                                                      'max_throughput.md']  # no temp dir left behind
+    data = json.loads((out / 'inference.json').read_text())
+    assert data['environment']['engine'] == 'hf' and data['environment']['threads'] == 1
+    assert data['environment']['torch'] == torch.__version__
+    by_name = {m['name']: m for m in data['models']}
+    assert set(by_name) == {'dense', 'moe-top1', 'moe-top2'}
+    assert (by_name['moe-top1']['top_k'], by_name['moe-top2']['top_k']) == (1, 2)
+    assert by_name['dense']['active_params'] < by_name['moe-top1']['active_params'] \
+        < by_name['moe-top2']['active_params'] < by_name['moe-top2']['total_params']
+    for m in data['models']:
+        assert [r['batch_size'] for r in m['offline']] == [1, 2]
+        for run in m['offline'] + m['online']:
+            assert run['num_served'] == len(run['requests']) > 0
+            assert len(run['repeats']) == 2  # the reported run is the median (lower of two)
+            assert run['output_tokens_per_s'] == min(r['output_tokens_per_s'] for r in run['repeats'])
+            assert run['output_tokens_per_s'] > 0 and run['total_tokens_per_s'] > run['output_tokens_per_s']
+            assert 0 < run['latency_p50_s'] <= run['latency_p90_s']
+            for req in run['requests']:
+                assert 0 < req['ttft_s'] <= req['latency_s'] and req['output_tokens'] == 4
+        assert m['max_output_tokens_per_s'] == max(r['output_tokens_per_s'] for r in m['offline'] + m['online'])
+    png = (out / 'latency_vs_throughput.png').read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+
+
+def test_benchmark_of_hf_directories(tmp_path):
+    shape = I.SHAPES['tiny']
+    dense = I.synthetic_dense(shape, max_len=32, seed=0)
+    dense.save_pretrained(tmp_path / 'dense')
+    I.upcycle_to_mixtral(dense, shape.num_experts, 2, 0.02, 0).save_pretrained(tmp_path / 'moe')
+    wl = I.Workload(input_tokens=8, output_tokens=2, num_requests=2, batch_sizes=(2,))
+    cfg = I.BenchConfig(workload=wl, dense_path=str(tmp_path / 'dense'), moe_path=str(tmp_path / 'moe'),
+                        top_ks=(1,), engine='hf', device='cpu', threads=1, progress=False)
+    result = I.run_benchmark(cfg)
+    assert [(m['name'], m['architecture'], m['source']) for m in result['models']] == [
+        ('dense', 'LlamaForCausalLM', str(tmp_path / 'dense')),
+        ('moe-top1', 'MixtralForCausalLM', str(tmp_path / 'moe'))]
+    assert result['models'][1]['total_params'] == shape.params(moe=True)
+    assert all(m['max_output_tokens_per_s'] > 0 for m in result['models'])
+    with pytest.raises(ValueError, match='not a mixture of experts'):
+        I.run_benchmark(I.BenchConfig(workload=wl, moe_path=str(tmp_path / 'dense'), device='cpu',
+                                      progress=False))
+
+
+def test_memory_check_refuses_what_cannot_fit():
+    huge = I.ModelShape(d_model=8192, n_layers=2, ffn_hidden=8192, n_heads=64, n_kv_heads=8, vocab_size=10_000_000)
+    with pytest.raises(ValueError, match='GiB.*--dtype bfloat16'):
+        I.check_memory(I.BenchConfig(shape=huge), torch.float32, torch.device('cpu'))
+
+
+def test_table_matches_the_measurements(bench):
+    out, result = bench
+    table = (out / 'max_throughput.md').read_text()
+    measured, paper = table.split('## Paper reference')
+    dense = next(m for m in result['models'] if m['name'] == 'dense')
+    for m in result['models']:
+        row = next(line for line in measured.splitlines() if line.startswith(f"| {m['name']} |"))
+        assert f"{m['max_output_tokens_per_s']:,.1f}" in row
+        if m['kind'] == 'moe':
+            change = 100 * (m['max_output_tokens_per_s'] / dense['max_output_tokens_per_s'] - 1)
+            assert f'{change:+.1f}%' in row
+    assert '58,140' in paper and '-45%' in paper and '58,140' not in measured
+
+
+def test_online_mode_stops_at_its_time_bound():
+    class SleepyEngine:  # 50 ms per batch, whatever its size
+        def __init__(self):
+            self.batches = []
+
+        def run_batch(self, prompts, output_tokens):
+            self.batches.append(len(prompts))
+            start = time.perf_counter()
+            time.sleep(0.05)
+            return [I.Timing(start, start + 0.01, time.perf_counter())] * len(prompts)
+
+    wl = I.Workload(input_tokens=4, output_tokens=2, num_requests=1000, batch_sizes=(1,), max_batch_size=4,
+                    online_max_seconds=0.5)
+    engine = SleepyEngine()
+    prompts = torch.zeros(1000, 4, dtype=torch.long)
+    t0 = time.perf_counter()
+    run = I.run_online(engine, prompts, rate=200.0, wl=wl)
+    assert time.perf_counter() - t0 < 0.5 + 0.05 + 0.5  # bound + one batch in flight + slack
+    assert run['truncated'] and 0 < run['num_served'] < 1000 and run['num_dropped'] == 1000 - run['num_served']
+    assert max(engine.batches) == 4  # the scheduler batches waiting requests, up to its limit
+    assert all(r['latency_s'] >= 0.05 for r in run['requests'])  # queueing counted from arrival
+
+    small = I.Workload(input_tokens=4, output_tokens=2, num_requests=3, batch_sizes=(1,), online_max_seconds=5)
+    run = I.run_online(SleepyEngine(), prompts[:3], rate=1000.0, wl=small)
+    assert not run['truncated'] and run['num_served'] == 3
+
+
+def test_auto_rates_scale_the_best_offline_rate():
+    model = {'offline': [{'requests_per_s': 3.0}, {'requests_per_s': 10.0}]}
+    assert I.auto_rates(model) == tuple(10.0 * f for f in I.AUTO_RATE_FRACTIONS)
+
+
+def test_poisson_arrivals_are_seeded():
+    a = I.poisson_arrivals(4000, 20.0, seed=3)
+    assert a[0] == 0 and (a == I.poisson_arrivals(4000, 20.0, seed=3)).all()
+    assert abs(a[-1] / 3999 - 1 / 20) < 0.005
+
+
+def test_failed_writer_leaves_nothing(tmp_path):
+    def boom(path):
+        raise RuntimeError('plot failed')
+    with pytest.raises(RuntimeError):
+        write_atomically(str(tmp_path), {'a.md': lambda p: open(p, 'w').write('x'), 'b.png': boom})
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------- cost report
+
+FPT_DENSE, FPT_MOE = 6e6, 9e6  # training FLOPs per token; inference = / 3
+
+
+def make_results(cpt_ce, up_ce, budgets=(0.25, 0.5, 1.0), flops=(1e12, 2e12, 4e12), cpt_core=None, up_core=None):
+    arms = []
+    for i, b in enumerate(budgets):
+        for kind, ce, core, fpt in (('cpt', cpt_ce, cpt_core, FPT_DENSE), ('upcycle', up_ce, up_core, FPT_MOE)):
+            arms.append({
+                'arm': kind, 'budget': b, 'tokens': flops[i] / fpt, 'steps': 10, 'train_flops': flops[i],
+                'flops_per_token': fpt, 'total_params': 100, 'active_params': 80, 'train_ce_last50': 3.0,
+                'tokens_per_s': 1.0, 'step_time_s': 1.0, 'loss_curve': [[1, 3.0]],
+                'eval': {'ce_generic': 3.0, 'ce_domain': ce[i], 'core_average': None if core is None else core[i],
+                         'tasks': {}},
+            })
+    return {'schema': 1, 'config': {'upcycle': {'top_k': 2}}, 'budgets': list(budgets), 'token_ratio': 0.67,
+            'missing_eval_tasks': [],
+            'dense': {'params': 1000, 'flops_per_token': FPT_DENSE, 'pretrain_tokens': 1e6, 'pretrain_flops': 4e12,
+                      'eval': {'ce_generic': 3.1, 'ce_domain': 3.2, 'core_average': 0.0, 'tasks': {}}},
+            'arms': arms}
+
+
+def make_inference(dense_tps=100.0, top1_tps=90.0, top2_tps=80.0):
+    def model(name, kind, k, tps):
+        return {'name': name, 'kind': kind, 'top_k': k, 'total_params': 1000, 'active_params': 1000,
+                'max_output_tokens_per_s': tps, 'max_total_tokens_per_s': 5 * tps, 'offline': [], 'online': []}
+    return {'schema': 1, 'environment': {'engine': 'hf', 'device': 'cpu', 'device_name': 'test'},
+            'workload': {'input_tokens': 64, 'output_tokens': 16},
+            'models': [model('dense', 'dense', None, dense_tps), model('moe-top1', 'moe', 1, top1_tps),
+                       model('moe-top2', 'moe', 2, top2_tps)]}
+
+
+def test_break_even_interpolated_and_extrapolated_by_hand():
+    # CPT CE falls 0.1 per doubling of compute: 3.0, 2.9, 2.8 at 1, 2, 4 (x1e12) FLOPs.
+    cost = C.build_cost(make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6],
+                                     cpt_core=[0.1, 0.2, 0.3], up_core=[0.25, 0.2, 0.5]), make_inference())
+    assert cost['top_k'] == 2
+    assert cost['inference']['throughput_ratio'] == pytest.approx(1.25)
+    low, mid, high = cost['budgets']
+    # 0.25x: the upcycled 2.85 sits half way (in log compute) between 2e12 and 4e12 -> CPT needs 2**1.5 e12.
+    be = low['break_even']['ce_domain']
+    assert be['status'] == 'interpolated'
+    assert be['cpt_train_flops_needed'] == pytest.approx(2 ** 1.5 * 1e12)
+    extra = (2 ** 1.5 - 1) * 1e12
+    assert be['extra_train_flops'] == pytest.approx(extra)
+    assert be['tokens_flops'] == pytest.approx(extra / ((FPT_MOE - FPT_DENSE) / 3))  # 1e6 extra FLOPs/token
+    assert be['tokens_measured'] == pytest.approx(extra / (FPT_DENSE / 3 * 0.25))  # MoE 25% slower
+    assert low['ce_domain_gain'] == pytest.approx(0.15)
+    assert low['extra_cost_per_token'] == {'measured': pytest.approx(0.25), 'flops': pytest.approx(0.5)}
+    assert low['quality_per_extra_cost']['measured']['ce_domain'] == pytest.approx(0.15 / 0.25)
+    # Core average (higher is better) crosses at the same place: 0.25 between 0.2 and 0.3.
+    assert low['break_even']['core_average']['cpt_train_flops_needed'] == pytest.approx(2 ** 1.5 * 1e12)
+    # 0.5x: upcycled 2.85 vs CPT 2.9 at 2e12 -> same crossing, less extra compute.
+    assert mid['break_even']['ce_domain']['extra_train_flops'] == pytest.approx((2 ** 1.5 - 2) * 1e12)
+    # 1.0x: upcycled 2.6 is 0.2 below CPT's last point -> two more doublings: 16e12.
+    be = high['break_even']['ce_domain']
+    assert be['status'] == 'extrapolated' and be['extrapolation_factor'] == pytest.approx(4.0)
+    assert be['tokens_flops'] == pytest.approx(12e12 / 1e6)
+    assert high['break_even']['core_average']['status'] == 'extrapolated'
+
+
+def test_break_even_never_when_cpt_saturates():
+    flat = make_results([3.0, 2.9, 2.9, 2.9], [2.95, 2.85, 2.8, 2.8], budgets=(0.1, 0.2, 0.4, 0.8),
+                        flops=(1e12, 2e12, 4e12, 8e12))
+    cost = C.build_cost(flat, make_inference())
+    be = cost['budgets'][-1]['break_even']['ce_domain']
+    assert be['status'] == 'never' and be['tokens_flops'] is None and be['tokens_measured'] is None
+    assert be['verdict_flops'].startswith('never')
+    assert cost['budgets'][0]['break_even']['ce_domain']['status'] == 'interpolated'  # 2.95 reached at 1.41e12
+    worse = C.build_cost(make_results([3.0, 2.9, 3.0], [2.9, 2.8, 2.7]), make_inference())  # CPT gets worse
+    assert worse['budgets'][-1]['break_even']['ce_domain']['status'] == 'never'
+    assert 'never' in C.render_cost_section(cost)
+
+
+def test_no_gain_and_no_extra_cost():
+    cost = C.build_cost(make_results([3.0, 2.9, 2.8], [3.1, 2.95, 2.8]), make_inference())
+    for row in cost['budgets']:  # CPT as good or better: dense is cheaper at any demand
+        assert row['break_even']['ce_domain']['status'] == 'not_needed'
+        assert row['break_even']['ce_domain']['tokens_measured'] == 0.0
+    fast_moe = C.build_cost(make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.75]), make_inference(top2_tps=120.0))
+    be = fast_moe['budgets'][0]['break_even']['ce_domain']
+    assert be['tokens_measured'] is None and 'no more per token' in be['verdict_measured']
+    assert be['tokens_flops'] is not None
+
+
+def test_missing_field_is_named():
+    results = make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6])
+    del results['arms'][3]['eval']['ce_domain']
+    with pytest.raises(ValueError, match=re.escape("arms[3]: field 'eval.ce_domain' is missing")):
+        C.build_cost(results, make_inference())
+    results = make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6])
+    del results['dense']['flops_per_token']
+    with pytest.raises(ValueError, match="'dense.flops_per_token' is missing"):
+        C.build_cost(results, make_inference())
+    results = make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6])
+    results['arms'] = [a for a in results['arms'] if not (a['arm'] == 'upcycle' and a['budget'] == 0.5)]
+    with pytest.raises(ValueError, match="budget 0.5 has no 'upcycle' arm"):
+        C.build_cost(results, make_inference())
+    inference = make_inference()
+    del inference['models'][0]['max_output_tokens_per_s']
+    with pytest.raises(ValueError, match=r"models\[0\]: field 'max_output_tokens_per_s'"):
+        C.build_cost(make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6]), inference)
+    inference = make_inference()
+    inference['models'] = inference['models'][:2]  # no top-2 MoE benchmarked
+    with pytest.raises(ValueError, match='top_k=2'):
+        C.build_cost(make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6]), inference)
+
+
+def test_cost_report_files_and_section(tmp_path):
+    (tmp_path / 'results.json').write_text(json.dumps(make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6],
+                                                                   cpt_core=[0.1, 0.2, 0.3],
+                                                                   up_core=[0.25, 0.2, 0.5])))
+    (tmp_path / 'inference.json').write_text(json.dumps(make_inference()))
+    out = tmp_path / 'cost'
+    cost = C.cost_report(str(tmp_path / 'results.json'), str(tmp_path / 'inference.json'), str(out))
+    assert sorted(p.name for p in out.iterdir()) == ['cost.json', 'cost.md', 'cost_breakeven.png']
+    assert json.loads((out / 'cost.json').read_text())['budgets'][0]['break_even']['ce_domain']['status'] \
+        == 'interpolated'
+    md = (out / 'cost.md').read_text()
+    assert md == C.render_cost_section(cost) and md.startswith('## Inference cost')
+    assert f"{cost['budgets'][0]['break_even']['ce_domain']['tokens_flops']:.3g}" in md
+    assert '### Assumptions' in md and 'measured with engine hf on cpu' in md
+    assert (out / 'cost_breakeven.png').read_bytes().startswith(PNG_MAGIC)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def _parser():
+    parser = argparse.ArgumentParser(prog='foundry-upcycle')
+    bench_cli.register(parser.add_subparsers(dest='command'))
+    return parser
+
+
+def test_cli_bench_config_and_errors(tmp_path):
+    args = _parser().parse_args(['bench-inference', '--shape', 'tiny', '--layers', '3', '--device', 'cpu',
+                                 '--batch-sizes', '1,4', '--rates', '0.5,2', '--out', str(tmp_path)])
+    cfg = bench_cli.bench_config(args)
+    assert cfg.shape.n_layers == 3 and cfg.shape.d_model == 64
+    assert (cfg.workload.input_tokens, cfg.workload.output_tokens) == I.CPU_WORKLOAD
+    assert cfg.workload.batch_sizes == (1, 4) and cfg.workload.rates == (0.5, 2.0) and cfg.top_ks == (1, 2)
+    for argv, match in ((['--batch-sizes', '1,x'], '--batch-sizes'), (['--rates', '-1'], '--rates'),
+                        (['--shape', 'huge'], '--shape'), (['--dense', str(tmp_path / 'nope')], '--dense')):
+        args = _parser().parse_args(['bench-inference', '--device', 'cpu', '--out', str(tmp_path), *argv])
+        with pytest.raises(ValueError, match=match):
+            bench_cli.bench_config(args)
+
+
+def test_cli_cost(tmp_path, capsys):
+    (tmp_path / 'results.json').write_text(json.dumps(make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6])))
+    (tmp_path / 'inference.json').write_text(json.dumps(make_inference()))
+    args = _parser().parse_args(['cost', '--results', str(tmp_path / 'missing.json'), '--inference',
+                                 str(tmp_path / 'inference.json'), '--out', str(tmp_path / 'o')])
+    with pytest.raises(ValueError, match='--results'):
+        args.func(args)
+    args = _parser().parse_args(['cost', '--results', str(tmp_path / 'results.json'), '--inference',
+                                 str(tmp_path / 'inference.json'), '--out', str(tmp_path / 'o'), '--top-k', '1'])
+    assert args.func(args) == 0
+    cost = json.loads((tmp_path / 'o' / 'cost.json').read_text())
+    assert cost['top_k'] == 1 and cost['inference']['throughput_ratio'] == pytest.approx(100 / 90)
+    assert math.isclose(cost['budgets'][0]['extra_cost_per_token']['measured'], 100 / 90 - 1)
+    assert 'cost.md' in capsys.readouterr().out

@@ -1,0 +1,171 @@
+"""The `upcycle:` block under foundry's own train(): function preservation, losses, resume, bad input."""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SEQ, TINY_MODEL, logged, run_train, tiny_recipe
+from foundry_upcycle.config import UpcycleConfig
+from foundry_upcycle.convert import convert, offline_recipe
+from foundry_upcycle.loggers import read_jsonl
+from foundry_upcycle.transforms import apply_upcycle_block
+from foundry_upcycle.upcycle import expert_spread
+
+
+def test_upcycle_step0_ce_equals_cpt(corpus, dense_checkpoint, tmp_path):
+    """CPT, upcycling through the block, and upcycling through the offline converter start from the same CE."""
+    ce = {}
+    converted = convert(str(dense_checkpoint), str(tmp_path / 'moe.pt'), UpcycleConfig(num_experts=8, top_k=2))
+    for arm in ('cpt', 'upcycle', 'offline'):
+        recipe = 'tiny/cpt.yaml' if arm == 'cpt' else 'tiny/upcycle.yaml'
+        cfg = tiny_recipe(recipe, corpus, tmp_path / arm, dense_checkpoint=str(dense_checkpoint))
+        if arm == 'offline':
+            from omegaconf import OmegaConf as om
+            cfg = offline_recipe(apply_upcycle_block(om.to_container(om.create(cfg), resolve=True)), str(converted))
+        trainer = run_train(cfg)
+        ce[arm] = {k: logged(trainer, f'metrics/eval/{k}/LanguageCrossEntropy') for k in ('domain', 'generic')}
+        ce[arm]['train'] = logged(trainer, 'loss/train/loss' if arm == 'upcycle' else 'loss/train/total')
+        ce[arm]['lbl'] = logged(trainer, 'loss/train/lbl')
+        ce[arm]['total'] = logged(trainer, 'loss/train/total')
+        trainer.close()
+    for split in ('domain', 'generic'):
+        (b0, cpt0), (b1, up0), (b2, off0) = ce['cpt'][split][0], ce['upcycle'][split][0], ce['offline'][split][0]
+        assert b0 == b1 == b2 == 0
+        assert abs(cpt0 - up0) < 1e-5 and abs(cpt0 - off0) < 1e-5, (split, cpt0, up0, off0)
+    # First training batch: same data, same weights -> the same language loss; the LBL is reported apart.
+    assert abs(ce['cpt']['train'][0][1] - ce['upcycle']['train'][0][1]) < 1e-5
+    assert not ce['cpt']['lbl'] and ce['upcycle']['lbl']
+    lbl0 = ce['upcycle']['lbl'][0][1]
+    assert 0.01 * 0.9 < lbl0 < 0.01 * 8  # weight x (1 for uniform routing ... E for collapse)
+    assert abs(ce['upcycle']['total'][0][1] - ce['upcycle']['train'][0][1] - lbl0) < 1e-5
+
+
+class _Marker:
+    """Unpickling this touches a file: proof that a loader ran arbitrary pickled code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def _bad_checkpoints(dense_checkpoint: Path, tmp: Path) -> dict[str, Path]:
+    garbage = tmp / 'garbage.pt'
+    garbage.write_bytes(b'not a checkpoint')
+    moe = convert(str(dense_checkpoint), str(tmp / 'already_moe.pt'), UpcycleConfig(num_experts=4))
+    evil = tmp / 'evil.pt'
+    state = torch.load(dense_checkpoint, weights_only=False)  # our own test file
+    state['state']['extra'] = _Marker(str(tmp / 'pwned'))
+    torch.save(state, evil)
+    return {'garbage': garbage, 'moe': moe, 'evil': evil}
+
+
+BAD = [
+    # (name, recipe changes, expected message)
+    ('missing file', {'dense_checkpoint': '/nonexistent/dense.pt'}, '/nonexistent/dense.pt does not exist'),
+    ('unreadable', {'dense_checkpoint': 'garbage'}, 'garbage.pt is not a readable torch checkpoint'),
+    ('already MoE', {'dense_checkpoint': 'moe'}, 'already has a mixture-of-experts'),
+    ('pickled code', {'dense_checkpoint': 'evil'}, 'refusing to unpickle'),
+    ('shape mismatch', {'model.expansion_ratio': 3}, r'ffn\.experts\.mlp\.w1 has shape \(1280, 64\).*expects \(1536, 64\)'),
+    ('unknown key', {'upcycle.num_expert': 4}, r"unknown key\(s\) \['num_expert'\]"),
+    ('top_k > E', {'upcycle.top_k': 9}, 'upcycle.top_k'),
+    ('E < 2', {'upcycle.num_experts': 1}, 'upcycle.num_experts'),
+    ('ffn_config contradiction', {'model.ffn_config.moe_top_k': 1}, 'model.ffn_config.moe_top_k'),
+    ('FFN biases', {'model.no_bias': False}, 'model.no_bias'),
+]
+
+
+@pytest.mark.parametrize('name, change, match', BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_refused_before_writing(corpus, dense_checkpoint, tmp_path_factory, name, change, match):
+    tmp = tmp_path_factory.mktemp('bad')
+    bad = _bad_checkpoints(dense_checkpoint, tmp)
+    ckpt = change.get('dense_checkpoint', str(dense_checkpoint))
+    cfg = tiny_recipe('tiny/upcycle.yaml', corpus, tmp / 'run', dense_checkpoint=str(bad.get(ckpt, ckpt)))
+    for key, value in change.items():
+        if key != 'dense_checkpoint':
+            *path, leaf = key.split('.')
+            node = cfg
+            for part in path:
+                node = node[part]
+            node[leaf] = value
+    with pytest.raises(ValueError, match=match):
+        run_train(cfg)
+    written = [p for p in (tmp / 'run').rglob('*') if p.is_file()] if (tmp / 'run').exists() else []
+    assert written == []
+    assert not (tmp / 'pwned').exists()
+
+
+def _cli_args(corpus, out: Path, **variables) -> list[str]:
+    v = {'data_dir': corpus['domain'], 'eval_data_dir': corpus['generic'], 'tokenizer': corpus['tokenizer'],
+         'save_folder': out / 'checkpoints', 'run_name': out.name, 'max_seq_len': SEQ, 'global_batch_size': 4,
+         'warmup': '1ba', **variables}
+    args = [f'variables.{k}={val}' for k, val in v.items()]
+    args += [f'model.{k}={val}' for k, val in TINY_MODEL.items()]
+    args += ['model.attn_config.kv_n_heads=2', 'device_eval_batch_size=8', 'console_log_interval=1ba',
+             f'loggers.jsonl.path={out}/metrics.jsonl']
+    return args
+
+
+def _env():
+    path = f'{Path(sys.executable).parent}{os.pathsep}{os.environ.get("PATH", "")}'  # the venv's llmfoundry
+    return {**os.environ, 'PATH': path, 'PYTHONUNBUFFERED': '1', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1'}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_own_moe_checkpoint(corpus, dense_checkpoint, tmp_path):
+    out = tmp_path / 'run'
+    cmd = [sys.executable, '-m', 'llmfoundry.cli.cli', 'train', str(REPO / 'yamls/tiny/upcycle.yaml'),
+           *_cli_args(corpus, out, dense_checkpoint=dense_checkpoint, max_duration='30ba', save_interval='4ba',
+                      eval_interval='30ba')]
+    latest = out / 'checkpoints' / 'latest-rank0.pt'
+    log1 = open(tmp_path / 'first.log', 'w')
+    proc = subprocess.Popen(cmd, stdout=log1, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, 'the first run ended before it could be killed'
+    first = (tmp_path / 'first.log').read_text()
+    assert 'after load at batch 0, experts are identical copies' in first, first[-3000:]
+    saved = torch.load(latest, weights_only=False)['state']  # our own test file
+    killed_at = saved['timestamp']['Timestamp']['batch']
+    assert 0 < killed_at < 30
+    trained_w1 = saved['model']['model.transformer.blocks.0.ffn.experts.mlp.w1']
+    assert expert_spread(trained_w1, 8) > 0, 'the checkpoint should hold trained (diverged) experts'
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    log2 = second.stdout + second.stderr
+    (tmp_path / 'second.log').write_text(log2)
+    assert f'after load at batch {killed_at}, experts are distinct (trained weights)' in log2, log2[-3000:]
+    assert (out / 'checkpoints' / 'ep0-ba30-rank0.pt').exists() or any(
+        p.name.endswith('ba30-rank0.pt') for p in (out / 'checkpoints').iterdir())
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(corpus, dense_checkpoint, tmp_path):
+    ce = {}
+    for n in (1, 2):
+        out = tmp_path / f'n{n}'
+        cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', str(n), '--master_port', str(29500 + n), '-c',
+               'llmfoundry', 'train', str(REPO / 'yamls/tiny/upcycle.yaml'),
+               *_cli_args(corpus, out, dense_checkpoint=dense_checkpoint, max_duration='1ba', save_interval='1ba',
+                          eval_interval='1ba')]
+        run = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert (out / 'metrics.jsonl').exists(), run.stdout[-3000:] + run.stderr[-3000:]  # the launcher can exit 0
+        metrics = read_jsonl(out / 'metrics.jsonl')
+        ce[n] = {k: metrics[f'metrics/eval/{k}/LanguageCrossEntropy'][0] for k in ('domain', 'generic')}
+    for split in ('domain', 'generic'):
+        (b1, one), (b2, two) = ce[1][split], ce[2][split]
+        assert b1 == b2 == 0
+        assert abs(one - two) < 1e-5, (split, one, two)
