@@ -10,12 +10,13 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
+
+from foundry_upcycle.atomic import atomic_write
 
 SAFE_COMPOSER_GLOBALS = [
     datetime.timedelta,
@@ -80,17 +81,3 @@ def save_composer_weights(state_dict: Mapping[str, torch.Tensor], path: str,
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str, metadata: Optional[dict[str, str]] = None):
     from safetensors.torch import save_file
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata))
-
-
-def atomic_write(path: str, write) -> None:
-    """Calls write(tmp_path) on a temp file beside `path`, then renames it into place; nothing is left on failure."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

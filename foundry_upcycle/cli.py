@@ -5,7 +5,10 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from foundry_upcycle.config import UpcycleConfig
 
 # Tool modules that add subcommands through `register(subparsers)`; each imports only argparse at top level.
 TOOL_CLIS = ('foundry_upcycle.export.cli', 'foundry_upcycle.bench.cli')
@@ -47,7 +50,7 @@ def cmd_expand(args: argparse.Namespace) -> int:
         cfg = offline_recipe(cfg, args.offline_checkpoint)
     text = dump_yaml(cfg)
     if args.out:
-        from foundry_upcycle.checkpoint_io import atomic_write
+        from foundry_upcycle.atomic import atomic_write
         atomic_write(args.out, lambda tmp: open(tmp, 'w').write(text))
     else:
         sys.stdout.write(text)

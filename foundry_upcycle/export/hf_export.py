@@ -28,7 +28,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from foundry_upcycle.export.writer import atomic_output_dir, in_memory_jobs, write_sharded
+from foundry_upcycle.atomic import atomic_output_dir
+from foundry_upcycle.export.writer import in_memory_jobs, write_sharded
 
 log = logging.getLogger(__name__)
 

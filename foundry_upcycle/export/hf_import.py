@@ -8,7 +8,7 @@ Streaming: the output plan (names, shapes, dtypes) comes from the safetensors he
 is read on its own (`safetensors.safe_open`), expanded and appended to the current output shard, so memory is
 bounded by the largest single job (the embedding / LM head, or E copies of one MLP matrix), whatever the depth
 (benchmarks/import_scale.py: 2.4 GB peak RSS at Llama-3-8B width for 2 and 4 layers alike). The directory is built
-beside the target and renamed into place only when complete (see `writer.atomic_output_dir`).
+beside the target and renamed into place only when complete (see `foundry_upcycle.atomic.atomic_output_dir`).
 
 Shapes: D hidden_size, F intermediate_size, E experts.
   dense  model.layers.{i}.mlp.gate_proj / up_proj [F, D], down_proj [D, F]
@@ -27,8 +27,9 @@ from typing import Optional
 import torch
 
 from foundry_upcycle.config import UpcycleConfig
+from foundry_upcycle.atomic import atomic_output_dir
 from foundry_upcycle.export.writer import (INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Job, TensorSpec,
-                                           atomic_output_dir, copy_tokenizer_files, write_sharded)
+                                           copy_tokenizer_files, write_sharded)
 from foundry_upcycle.upcycle import expert_copies, router_weight
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,6 @@ import logging
 import os
 import random
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from foundry_upcycle.atomic import atomic_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -571,25 +572,6 @@ def _is_finished(root: Path, manifest: Optional[Mapping[str, Any]], want_hash: s
     return all(p.is_file() for p in needed)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_siblings(out: Path) -> None:
-    """Temp / old folders of earlier runs that were killed (their process is gone)."""
-    pattern = re.compile(rf'^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-\w+$')
-    for p in out.parent.iterdir():
-        m = pattern.match(p.name)
-        if m and not _pid_alive(int(m.group(2))):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def _reporter(progress: bool) -> Callable[[str], None]:
     start = time.monotonic()
 
@@ -648,20 +630,12 @@ def prepare_data(cfg: DataConfig, out_dir: os.PathLike | str, progress: bool = T
         raise ValueError(f'data output {out} exists and was not made by prepare_data; refusing to replace it')
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-{os.getpid()}-', dir=out.parent))
+        if not os.access(out.parent, os.W_OK):
+            raise OSError('permission denied')
     except OSError as e:
         raise ValueError(f'data output {out} is not writable ({e})') from None
-    _remove_stale_siblings(out)
-    try:
+    with atomic_output_dir(out, tag='data', overwrite=True) as tmp:  # replacing only our own earlier build
         manifest = _build(cfg, tmp, want, progress, say)
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2) + '\n')
-        old = out.parent / f'.{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}'
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f'done: {out} (' + ', '.join(f'{k} {v} tokens' for k, v in manifest['tokens'].items()) + ')')
     return _artifacts(out, manifest)

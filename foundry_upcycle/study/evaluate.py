@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -182,7 +183,10 @@ class EvalSession:
             for evaluator in bar:
                 bar.set_postfix_str(evaluator.label)
                 t0 = time.time()
-                trainer.eval(eval_dataloader=evaluator)
+                with warnings.catch_warnings():  # a short last batch and foundry's padding-mask note, per batch
+                    warnings.filterwarnings('ignore', message='Cannot split list of length')
+                    warnings.filterwarnings('ignore', message='Propagating key_padding_mask')
+                    trainer.eval(eval_dataloader=evaluator)
                 self.last_seconds_by_task[evaluator.label] = round(time.time() - t0, 3)
             out = self._results(trainer.state)
         finally:

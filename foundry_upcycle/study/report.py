@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from foundry_upcycle.checkpoint_io import atomic_write
+from foundry_upcycle.atomic import atomic_write
 
 SCHEMA = 1
 ARMS = ('cpt', 'upcycle')
