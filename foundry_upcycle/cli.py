@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from foundry_upcycle.config import UpcycleConfig
 
 # Tool modules that add subcommands through `register(subparsers)`; each imports only argparse at top level.
-TOOL_CLIS = ('foundry_upcycle.export.cli', 'foundry_upcycle.bench.cli')
+TOOL_CLIS = ('foundry_upcycle.export.cli', 'foundry_upcycle.bench.cli', 'foundry_upcycle.study.cli')
 
 
 def _block_flags(p: argparse.ArgumentParser) -> None:

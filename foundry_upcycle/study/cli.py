@@ -1,0 +1,101 @@
+"""`foundry-upcycle study`: the CPT-vs-upcycling study end to end. Imports only stdlib at module level."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+EPILOG = """\
+examples:
+  foundry-upcycle study --out runs/default                   # the built-in CPU study (about 15 min on 2 cores)
+  foundry-upcycle study --budgets 0.25,1 --skip-inference    # fewer budgets, no export / inference benchmark
+  foundry-upcycle study --generic-dir my/prose --domain-dir my/domain    # your own text folders
+  foundry-upcycle study --scale 436m --mds-dir my-mds --tokenizer my-tok \\
+      --dense-checkpoint dense.pt --pretrain-tokens 43600000000 --nproc 8     # paper shapes on a GPU node
+
+Rerunning with the same --out skips finished stages whose config is unchanged and resumes an interrupted one.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        'study', help='CPT vs sparse upcycling at matched training FLOPs, end to end, with a report',
+        description='Dense pretraining, then continued pretraining (CPT) and upcycling at matched training FLOPs '
+                    'for each budget, evaluation of every arm, an HF export + inference benchmark + cost report, '
+                    'and report.md with plots. Flags override the --config file.',
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--config', metavar='YAML', help='study config file (see foundry_upcycle/study/config.py)')
+    p.add_argument('--out', help='output folder (default runs/default)')
+    p.add_argument('--scale', choices=('tiny', '436m', '1.4b'),
+                   help='tiny: the built-in CPU study; 436m / 1.4b: the paper\'s shapes on your MDS data (GPU)')
+    p.add_argument('--budgets', help='training budgets as fractions of the dense pretraining FLOPs, comma-separated '
+                   '(default 0.1,0.2,0.4,0.8,1.0, the paper\'s)')
+    p.add_argument('--seed', type=int, help='training seed (default 17)')
+    p.add_argument('--pretrain-steps', type=int, help='dense pretraining steps of the tiny base (default 600)')
+    g = p.add_argument_group('data (tiny scale)')
+    g.add_argument('--generic-dir', help='your generic text folder for dense pretraining (default: built-in plays)')
+    g.add_argument('--domain-dir', help='your domain text folder for CPT / upcycling (default: built-in code + prose)')
+    g = p.add_argument_group('paper scale (436m / 1.4b)')
+    g.add_argument('--mds-dir', help='domain-mix MDS data with train/ and val/')
+    g.add_argument('--generic-mds-dir', help='optional generic MDS data with val/ (held-out generic CE)')
+    g.add_argument('--tokenizer', help='Hugging Face tokenizer folder')
+    g.add_argument('--dense-checkpoint', help='the dense Composer checkpoint to start from (skips pretraining)')
+    g.add_argument('--pretrain-tokens', type=int, help='tokens the dense checkpoint was pretrained on')
+    g.add_argument('--nproc', type=int, help='processes per training run (composer -n N); default: visible GPUs')
+    g = p.add_argument_group('evaluation and inference')
+    g.add_argument('--eval-data', metavar='PATH', help='llm-foundry scripts/eval/local_data checkout for the ICL '
+                   'gauntlet (default: ../shared/foundry_eval/local_data beside the repo if present; "none": '
+                   'cross-entropy only)')
+    g.add_argument('--tasks', help="ICL tasks: 'default', 'all' or comma-separated v0.3 task names")
+    g.add_argument('--eval-examples', type=int, help='examples per ICL task (default 40)')
+    g.add_argument('--skip-inference', action='store_true', help='no HF export, inference benchmark or cost report')
+    p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s)')
+    p.add_argument('--no-progress', action='store_true', help='no per-stage lines or progress bars')
+    p.set_defaults(func=handler)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys the flags set (only flags given on the command line)."""
+    out: dict[str, Any] = {}
+    for flag in ('out', 'scale', 'budgets', 'seed', 'pretrain_steps', 'mds_dir', 'generic_mds_dir', 'tokenizer',
+                 'dense_checkpoint', 'pretrain_tokens', 'nproc', 'threads'):
+        if getattr(args, flag) is not None:
+            out[flag] = getattr(args, flag)
+    data = {k: getattr(args, k) for k in ('generic_dir', 'domain_dir') if getattr(args, k) is not None}
+    if data:
+        out['data'] = data
+    ev: dict[str, Any] = {}
+    if args.eval_data is not None:
+        ev['local_data'] = None if args.eval_data.lower() == 'none' else args.eval_data
+    if args.tasks is not None:
+        ev['tasks'] = args.tasks if args.tasks in ('default', 'all') else [
+            t.strip() for t in args.tasks.split(',') if t.strip()]
+    if args.eval_examples is not None:
+        ev['max_examples_per_task'] = args.eval_examples
+    if ev:
+        out['eval'] = ev
+    if args.skip_inference:
+        out['inference'] = {'skip': True}
+    if args.no_progress:
+        out['progress'] = False
+    return out
+
+
+def config_from_args(args: argparse.Namespace):
+    from foundry_upcycle.study.config import StudyConfig, merge
+    overrides = overrides_from_args(args)
+    if args.config:
+        return StudyConfig.from_yaml(args.config, overrides)
+    return StudyConfig.from_mapping(merge({}, overrides))
+
+
+def handler(args: argparse.Namespace) -> int:
+    import logging
+    for noisy in ('composer', 'streaming', 'llmfoundry'):
+        if not getattr(args, 'verbose', False):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    from foundry_upcycle.study.config import check_paths
+    cfg = config_from_args(args)
+    check_paths(cfg)           # before the heavy imports: bad paths fail in a second
+    from foundry_upcycle.study.pipeline import run_study
+    run_study(cfg)
+    return 0

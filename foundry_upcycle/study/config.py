@@ -1,0 +1,372 @@
+"""The study's typed config: what to train, at which budgets, on what data, how to evaluate and benchmark.
+
+Built from a YAML file (`--config study.yaml`) and/or command-line flags; every key is validated at construction
+and an unknown key is a ValueError naming it. Pure Python (imports neither torch nor llmfoundry), so bad input
+is refused before anything heavy is imported or trained. `check_paths` does the file-system checks (data and eval
+folders exist, the output folder is writable) and also runs before any training.
+
+Example study.yaml (the CLI flags override it):
+
+    scale: tiny
+    budgets: [0.1, 0.2, 0.4, 0.8, 1.0]
+    seed: 17
+    pretrain_steps: 400
+    model: {d_model: 64, n_layers: 2}        # overrides of every recipe's `model:` block
+    upcycle: {num_experts: 4}                # overrides of the upcycling recipe's `upcycle:` block
+    data: {generic_dir: my/prose, domain_dir: my/code, vocab_size: 1024}
+    eval: {local_data: path/to/local_data, tasks: [copa, piqa], max_examples_per_task: 20}
+    inference: {skip: true}
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from foundry_upcycle.study.data import DataConfig
+
+SCALES = ('tiny', '436m', '1.4b')
+PAPER_BUDGETS = (0.1, 0.2, 0.4, 0.8, 1.0)
+# All of the paper's budgets fit the 20-minute CPU default (measured; see README).
+DEFAULT_BUDGETS = PAPER_BUDGETS
+MAX_BUDGET = 10.0
+DEFAULT_PRETRAIN_STEPS = 600
+REPO = Path(__file__).resolve().parents[2]
+
+
+def repo_eval_data() -> Path:
+    """`../shared/foundry_eval/local_data` relative to this repository (the project's CI layout)."""
+    return REPO.parent / 'shared' / 'foundry_eval' / 'local_data'
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _positive_int(value: Any, key: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not _is_int(value) or value < 1:
+        raise ValueError(f'{key} must be a positive integer, got {value!r}')
+
+
+def _path_or_none(value: Any, key: str) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(f'{key} must be a non-empty path, got {value!r}')
+    return str(value)
+
+
+def _reject_unknown(block: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    unknown = sorted(set(block) - set(allowed))
+    if unknown:
+        raise ValueError(f'{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}')
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f'{where} must be a mapping, got {type(value).__name__}')
+    return dict(value)
+
+
+def parse_budgets(value: Union[str, Sequence[Any]], where: str = 'budgets') -> tuple[float, ...]:
+    """'0.25,0.5,1' or [0.25, 0.5, 1] -> (0.25, 0.5, 1.0): numbers in (0, MAX_BUDGET], no duplicates, sorted."""
+    items = [s.strip() for s in value.split(',') if s.strip()] if isinstance(value, str) else list(value)
+    if not items:
+        raise ValueError(f'{where}: give at least one budget (fractions of the pretraining FLOPs, e.g. 0.1,0.5,1)')
+    out = []
+    for item in items:
+        try:
+            b = float(item) if isinstance(item, str) else item
+        except ValueError:
+            raise ValueError(f'{where}: {item!r} is not a number') from None
+        if not _is_number(b) or not 0 < b <= MAX_BUDGET:
+            raise ValueError(f'{where}: {item!r} is not a budget; each must be a number in (0, {MAX_BUDGET:g}] '
+                             '(a fraction of the dense pretraining FLOPs)')
+        out.append(float(b))
+    dupes = sorted({b for b in out if out.count(b) > 1})
+    if dupes:
+        raise ValueError(f'{where}: duplicate budget(s) {[f"{b:g}" for b in dupes]}')
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """local_data: llm-foundry's `scripts/eval/local_data` checkout; 'auto' = the repo's CI copy if present,
+    None = no ICL eval (cross-entropy only). tasks / max_examples_per_task: see gauntlet.GauntletSpec."""
+    local_data: Optional[str] = 'auto'
+    tasks: Union[str, tuple[str, ...]] = 'default'
+    max_examples_per_task: Optional[int] = 40
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.local_data != 'auto':
+            object.__setattr__(self, 'local_data', _path_or_none(self.local_data, 'eval.local_data'))
+        if isinstance(self.tasks, (list, tuple)):
+            object.__setattr__(self, 'tasks', tuple(self.tasks))
+        elif self.tasks not in ('default', 'all'):
+            raise ValueError(f"eval.tasks: expected 'default', 'all' or a list of task names, got {self.tasks!r}")
+        _positive_int(self.max_examples_per_task, 'eval.max_examples_per_task', optional=True)
+        _positive_int(self.batch_size, 'eval.batch_size')
+        if not _is_int(self.seed):
+            raise ValueError(f'eval.seed must be an integer, got {self.seed!r}')
+
+    def resolved_local_data(self) -> Optional[str]:
+        if self.local_data == 'auto':
+            default = repo_eval_data()
+            return str(default) if default.is_dir() else None
+        return self.local_data
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Export + benchmark of the largest-budget CPT and upcycled models. None: defaults for the device
+    (CPU: 64 in / 16 out tokens, 8 requests, batches 1 and 4; GPU: the paper's 3500 / 300, 64 requests,
+    batches 1-64), shortened to fit the model's max_seq_len."""
+    skip: bool = False
+    input_tokens: Optional[int] = None
+    output_tokens: Optional[int] = None
+    num_requests: Optional[int] = None
+    batch_sizes: Optional[tuple[int, ...]] = None
+    top_ks: Optional[tuple[int, ...]] = None      # None: 1 and the study's top_k
+
+    def __post_init__(self):
+        if not isinstance(self.skip, bool):
+            raise ValueError(f'inference.skip must be true or false, got {self.skip!r}')
+        for key in ('input_tokens', 'output_tokens'):
+            _positive_int(getattr(self, key), f'inference.{key}', optional=True)
+        _positive_int(self.num_requests, 'inference.num_requests', optional=True)
+        for key in ('batch_sizes', 'top_ks'):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if not isinstance(value, (list, tuple)) or not value or not all(_is_int(v) and v > 0 for v in value):
+                raise ValueError(f'inference.{key} must be a non-empty list of positive integers, got {value!r}')
+            object.__setattr__(self, key, tuple(value))
+
+
+_NESTED = {'data': DataConfig, 'eval': EvalConfig, 'inference': InferenceConfig}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything the study does. Paths are kept as given; `out` and `progress` do not change any result."""
+    out: str = 'runs/default'
+    scale: str = 'tiny'
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS
+    seed: int = 17
+    # dense base: pretrained here (tiny), or given (dense_checkpoint + the tokens it was pretrained on)
+    pretrain_steps: int = DEFAULT_PRETRAIN_STEPS
+    dense_checkpoint: Optional[str] = None
+    pretrain_tokens: Optional[int] = None
+    # training settings shared by all runs; None keeps the recipe's value
+    global_batch_size: Optional[int] = None
+    max_seq_len: Optional[int] = None
+    warmup_fraction: float = 0.1                  # of each CPT / upcycling run's steps (a fresh warmup)
+    lr: Optional[float] = None                    # CPT and upcycling (upcycle.lr, if set, wins for upcycling)
+    pretrain_lr: Optional[float] = None
+    model: Mapping[str, Any] = field(default_factory=dict)      # merged into every recipe's model block
+    upcycle: Mapping[str, Any] = field(default_factory=dict)    # merged into the upcycle block
+    train_overrides: tuple[str, ...] = ()          # foundry dotlist (key=value) applied to every training run
+    recipes: Mapping[str, str] = field(default_factory=dict)    # pretrain / cpt / upcycle YAML; default yamls/<scale>
+    # data: built-in or text folders (tiny); a user's MDS folders (436m, 1.4b)
+    data: DataConfig = field(default_factory=DataConfig)
+    mds_dir: Optional[str] = None                 # domain mix, MDS with train/ and val/
+    generic_mds_dir: Optional[str] = None         # optional: generic MDS with val/ (held-out generic CE)
+    tokenizer: Optional[str] = None               # a Hugging Face tokenizer folder
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    nproc: Optional[int] = None                   # processes per training run; None: visible GPUs, else 1
+    threads: Optional[int] = None                 # torch CPU threads; None: torch's default
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.scale not in SCALES:
+            raise ValueError(f'scale: {self.scale!r} is not one of {list(SCALES)}')
+        object.__setattr__(self, 'out', _path_or_none(self.out, 'out'))
+        object.__setattr__(self, 'budgets', parse_budgets(self.budgets))
+        if not _is_int(self.seed):
+            raise ValueError(f'seed must be an integer, got {self.seed!r}')
+        _positive_int(self.pretrain_steps, 'pretrain_steps')
+        _positive_int(self.pretrain_tokens, 'pretrain_tokens', optional=True)
+        for key in ('global_batch_size', 'max_seq_len', 'nproc', 'threads'):
+            _positive_int(getattr(self, key), key, optional=True)
+        if not _is_number(self.warmup_fraction) or not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f'warmup_fraction must be a number in [0, 1), got {self.warmup_fraction!r}')
+        for key in ('lr', 'pretrain_lr'):
+            value = getattr(self, key)
+            if value is not None and (not _is_number(value) or value <= 0):
+                raise ValueError(f'{key} must be a number > 0, got {value!r}')
+        for key in ('model', 'upcycle'):
+            object.__setattr__(self, key, _mapping(getattr(self, key), key))
+        recipes = _mapping(self.recipes, 'recipes')
+        _reject_unknown(recipes, ('pretrain', 'cpt', 'upcycle'), 'recipes')
+        object.__setattr__(self, 'recipes', {k: _path_or_none(v, f'recipes.{k}') for k, v in recipes.items()})
+        if isinstance(self.train_overrides, str) or not all(
+                isinstance(o, str) and '=' in o for o in self.train_overrides):
+            raise ValueError(f'train_overrides must be a list of key=value strings, got {self.train_overrides!r}')
+        object.__setattr__(self, 'train_overrides', tuple(self.train_overrides))
+        for key in ('dense_checkpoint', 'mds_dir', 'generic_mds_dir', 'tokenizer'):
+            object.__setattr__(self, key, _path_or_none(getattr(self, key), key))
+        for key, cls in _NESTED.items():
+            if not isinstance(getattr(self, key), cls):
+                raise ValueError(f'{key} must be a {cls.__name__}')
+        if self.scale == 'tiny' and self.max_seq_len is not None and self.data.max_seq_len != self.max_seq_len:
+            object.__setattr__(self, 'data', dataclasses.replace(self.data, max_seq_len=self.max_seq_len))
+        if not isinstance(self.progress, bool):
+            raise ValueError(f'progress must be true or false, got {self.progress!r}')
+        self._check_scale()
+
+    def _check_scale(self) -> None:
+        if (self.dense_checkpoint is None) != (self.pretrain_tokens is None):
+            raise ValueError('dense_checkpoint and pretrain_tokens go together: the budgets are fractions of the '
+                             'FLOPs the given dense checkpoint was pretrained with')
+        if self.scale == 'tiny':
+            for key in ('mds_dir', 'generic_mds_dir', 'tokenizer'):
+                if getattr(self, key) is not None:
+                    raise ValueError(f'{key} is for --scale 436m / 1.4b (a user\'s MDS data); the tiny study '
+                                     'builds its own (use data.generic_dir / data.domain_dir for your text)')
+            return
+        missing = [k for k in ('mds_dir', 'tokenizer', 'dense_checkpoint') if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f'scale {self.scale}: {missing} must be given (your MDS data with train/ and val/, '
+                             'a Hugging Face tokenizer folder, and the dense checkpoint with pretrain_tokens)')
+        if self.data != DataConfig():
+            raise ValueError(f'data: the built-in data settings are for the tiny scale; scale {self.scale} reads '
+                             'mds_dir')
+        if 'pretrain' in self.recipes:
+            raise ValueError(f'recipes.pretrain: scale {self.scale} starts from dense_checkpoint, it does not pretrain')
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> 'StudyConfig':
+        block = _mapping(block, 'study config')
+        _reject_unknown(block, cls.keys(), 'study config')
+        kwargs = dict(block)
+        if 'data' in kwargs:
+            kwargs['data'] = DataConfig.from_mapping(_mapping(kwargs['data'], 'data'))
+        for key, sub in (('eval', EvalConfig), ('inference', InferenceConfig)):
+            if key in kwargs:
+                sub_block = _mapping(kwargs[key], key)
+                _reject_unknown(sub_block, [f.name for f in dataclasses.fields(sub)], key)
+                kwargs[key] = sub(**sub_block)
+        if 'train_overrides' in kwargs and isinstance(kwargs['train_overrides'], list):
+            kwargs['train_overrides'] = tuple(kwargs['train_overrides'])
+        for key in ('warmup_fraction', 'lr', 'pretrain_lr'):
+            if _is_int(kwargs.get(key)):
+                kwargs[key] = float(kwargs[key])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: Optional[Mapping[str, Any]] = None) -> 'StudyConfig':
+        """The config in a YAML file, with `overrides` (top-level keys; nested mappings merged) on top."""
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ValueError(f'--config: {path} is not a file')
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+        try:
+            block = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+        except (OmegaConfBaseException, OSError, ValueError) as e:
+            raise ValueError(f'--config: {path} is not a readable YAML file ({e})') from None
+        if not isinstance(block, dict):
+            raise ValueError(f'--config: {path} must hold a mapping of study settings')
+        return cls.from_mapping(merge(block, overrides or {}))
+
+    def replace(self, **changes: Any) -> 'StudyConfig':
+        return dataclasses.replace(self, **changes)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Plain data (JSON-able); without `out` and `progress`, which change no result."""
+        out = dataclasses.asdict(self)
+        out['data'] = self.data.to_mapping()
+        for key in ('out', 'progress'):
+            out.pop(key)
+        return _plain(out)
+
+    # ------------------------------------------------------------------ derived
+
+    def recipe_path(self, kind: str) -> Path:
+        if kind in self.recipes:
+            return Path(self.recipes[kind]).expanduser()
+        return REPO / 'yamls' / self.scale / f'{kind}.yaml'
+
+    @property
+    def pretrains(self) -> bool:
+        return self.dense_checkpoint is None
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """base with overrides on top; nested mappings merge key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, os.PathLike):
+        return str(x)
+    return x
+
+
+def check_paths(cfg: StudyConfig) -> None:
+    """File-system checks before any training: inputs exist, the output folder is writable (ValueError)."""
+    from foundry_upcycle.study.data import validate_sources
+    if cfg.scale == 'tiny':
+        validate_sources(cfg.data)
+    else:
+        for key in ('mds_dir', 'generic_mds_dir'):
+            root = getattr(cfg, key)
+            splits = ('train', 'val') if key == 'mds_dir' else ('val',)
+            for split in splits if root else ():
+                if not (Path(root) / split / 'index.json').is_file():
+                    raise ValueError(f'{key}: {root} has no MDS split {split}/ (no {split}/index.json)')
+        if not (Path(cfg.tokenizer) / 'tokenizer_config.json').is_file():
+            raise ValueError(f'tokenizer: {cfg.tokenizer} is not a Hugging Face tokenizer folder '
+                             '(no tokenizer_config.json; save yours with tokenizer.save_pretrained(folder))')
+    if cfg.dense_checkpoint is not None:
+        from foundry_upcycle.checkpoint_io import require_readable_file
+        require_readable_file(cfg.dense_checkpoint, 'dense_checkpoint')
+    for kind in (('pretrain',) if cfg.pretrains else ()) + ('cpt', 'upcycle'):
+        if not cfg.recipe_path(kind).is_file():
+            raise ValueError(f'recipes.{kind}: {cfg.recipe_path(kind)} does not exist')
+    local = cfg.eval.local_data
+    if local not in ('auto', None) and not Path(local).is_dir():
+        raise ValueError(f'eval.local_data: {local} is not a directory; pass a checkout of llm-foundry\'s '
+                         'scripts/eval/local_data, or none for cross-entropy only')
+    check_writable(cfg.out)
+
+
+def check_writable(out: str) -> None:
+    p = Path(out).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix='.write-test-'):
+            pass
+    except OSError as e:
+        raise ValueError(f'out: {out} is not a writable directory ({e.strerror or e})') from None
