@@ -8,6 +8,7 @@ REPO_YAMLS = Path(__file__).resolve().parents[1] / 'yamls'
 
 
 def load_recipe(path: str, overrides: Optional[Sequence[str]] = None, resolve: bool = True) -> dict[str, Any]:
+    import yaml
     from omegaconf import OmegaConf as om
     from omegaconf.errors import OmegaConfBaseException
     p = Path(path)
@@ -18,8 +19,8 @@ def load_recipe(path: str, overrides: Optional[Sequence[str]] = None, resolve: b
         if overrides:
             cfg = om.merge(cfg, om.from_cli(list(overrides)))
         return om.to_container(cfg, resolve=resolve)
-    except OmegaConfBaseException as e:
-        raise ValueError(f'recipe {path}: {e}') from None
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ValueError(f'recipe {path} is not a readable YAML recipe: {e}') from None
 
 
 def dump_yaml(cfg: dict[str, Any]) -> str:

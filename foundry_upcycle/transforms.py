@@ -42,12 +42,8 @@ def expand(cfg: dict[str, Any], ucfg: UpcycleConfig) -> dict[str, Any]:
         raise ValueError('upcycle: the recipe has no `model:` block to upcycle')
     if model.get('name') not in _DENSE_MODEL_NAMES:
         raise ValueError(f'model.name {model.get("name")!r}: the upcycle block supports MPT models (mpt_causal_lm)')
-    backend = resolve_backend(ucfg.backend)
-    model['ffn_config'] = moe_ffn_config(model, ucfg, backend)
-    model['name'] = MODEL_NAME
-    # mb_dmoe's load-balancing loss is added by foundry itself (moe_loss_weight); torch_dmoe's by our model.
-    model['load_balancing_loss_weight'] = ucfg.load_balancing_loss_weight if backend == 'torch' else 0.0
-    model['router_zloss_weight'] = ucfg.zloss_weight
+    cfg['model'] = upcycled_model_config(model, ucfg, resolve_backend(ucfg.backend))
+    model = cfg['model']
     source = _take_source(cfg, ucfg)
     if ucfg.lr is not None:
         if not isinstance(cfg.get('optimizer'), dict):
@@ -70,6 +66,17 @@ def expand(cfg: dict[str, Any], ucfg: UpcycleConfig) -> dict[str, Any]:
     log.info('upcycle: %d experts, top-%d, %s backend, dense weights from %s', ucfg.num_experts, ucfg.top_k,
              model['ffn_config']['ffn_type'], source)
     return cfg
+
+
+def upcycled_model_config(model: dict[str, Any], ucfg: UpcycleConfig, backend: str) -> dict[str, Any]:
+    """A dense MPT `model:` block -> its upcycled MoE block (backend 'torch' or 'megablocks')."""
+    model = copy.deepcopy(model)
+    model['ffn_config'] = moe_ffn_config(model, ucfg, backend)
+    model['name'] = MODEL_NAME
+    # mb_dmoe's load-balancing loss is added by foundry itself (moe_loss_weight); torch_dmoe's by our model.
+    model['load_balancing_loss_weight'] = ucfg.load_balancing_loss_weight if backend == 'torch' else 0.0
+    model['router_zloss_weight'] = ucfg.zloss_weight
+    return model
 
 
 def _take_source(cfg: dict[str, Any], ucfg: UpcycleConfig) -> str:

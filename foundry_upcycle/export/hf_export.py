@@ -144,12 +144,11 @@ def resolve_model_config(model_cfg: Mapping[str, Any], upcycle: Optional[Mapping
     """The model config the checkpoint was trained with: a dense recipe plus an `upcycle:` block becomes MoE."""
     cfg = copy.deepcopy(dict(model_cfg))
     if upcycle is not None:
-        from foundry_upcycle.config import UpcycleConfig, moe_ffn_config
+        from foundry_upcycle.config import UpcycleConfig
+        from foundry_upcycle.transforms import upcycled_model_config
         ffn_type = (cfg.get('ffn_config') or {}).get('ffn_type', 'mptmlp')
-        if ffn_type not in MOE_FFNS:  # as foundry_upcycle.transforms does (torch backend: same weights)
-            up = UpcycleConfig.from_mapping(upcycle)
-            cfg['ffn_config'] = moe_ffn_config(cfg, up, 'torch')
-            cfg['load_balancing_loss_weight'] = up.load_balancing_loss_weight
+        if ffn_type not in MOE_FFNS:  # torch layout: the same weights as mb_dmoe
+            cfg = upcycled_model_config(cfg, UpcycleConfig.from_mapping(upcycle), 'torch')
     return cfg
 
 
@@ -505,14 +504,8 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor], model_cfg: Mapping
 
 def load_recipe(path: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """(model block, upcycle block or None) of a foundry YAML recipe, with ${...} variables resolved."""
-    from omegaconf import OmegaConf
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ValueError(f'config: {path} is not a file')
-    try:
-        cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
-    except Exception as e:  # omegaconf / yaml parse and interpolation errors
-        raise ValueError(f'config: {path} is not a readable YAML recipe ({e})') from None
+    from foundry_upcycle.recipes import load_recipe as load_full_recipe
+    cfg = load_full_recipe(str(Path(path).expanduser()))
     if not isinstance(cfg, dict) or not isinstance(cfg.get('model'), dict):
         raise ValueError(f'config: {path} has no `model:` block')
     return cfg['model'], cfg.get('upcycle')

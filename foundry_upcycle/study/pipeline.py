@@ -19,7 +19,6 @@ import gc
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import statistics
@@ -693,18 +692,9 @@ def _eval_entry(res: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(_finite(obj), indent=1, allow_nan=False) + '\n'
+    from foundry_upcycle.bench.outputs import jsonable
+    text = json.dumps(jsonable(obj), indent=1, allow_nan=False) + '\n'
     atomic_write(str(path), lambda tmp: Path(tmp).write_text(text))
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 # ----------------------------------------------------------------------------------------------- inference
