@@ -42,7 +42,8 @@ def expand(cfg: dict[str, Any], ucfg: UpcycleConfig) -> dict[str, Any]:
         raise ValueError('upcycle: the recipe has no `model:` block to upcycle')
     if model.get('name') not in _DENSE_MODEL_NAMES:
         raise ValueError(f'model.name {model.get("name")!r}: the upcycle block supports MPT models (mpt_causal_lm)')
-    cfg['model'] = upcycled_model_config(model, ucfg, resolve_backend(ucfg.backend))
+    cfg['model'] = upcycled_model_config(model, ucfg, resolve_backend(ucfg.backend, cfg.get('precision')))
+    _non_reentrant_checkpointing(cfg)
     model = cfg['model']
     source = _take_source(cfg, ucfg)
     if ucfg.lr is not None:
@@ -83,6 +84,22 @@ def upcycled_model_config(model: dict[str, Any], ucfg: UpcycleConfig, backend: s
     model['load_balancing_loss_weight'] = ucfg.load_balancing_loss_weight if backend == 'torch' else 0.0
     model['router_zloss_weight'] = ucfg.zloss_weight
     return model
+
+
+def _non_reentrant_checkpointing(cfg: dict[str, Any]) -> None:
+    """Composer's FSDP1 activation checkpointing is reentrant by default: the block's forward then runs under
+    no_grad and the router losses get no gradient. Non-reentrant keeps them attached (see model.py)."""
+    fsdp = cfg.get('fsdp_config')
+    if not isinstance(fsdp, dict) or not fsdp.get('activation_checkpointing'):
+        return
+    key = 'activation_checkpointing_reentrant'
+    if fsdp.get(key, None) is True:
+        raise ValueError(f'fsdp_config.{key}: true cuts the router losses off the router (the checkpointed forward '
+                         'runs under no_grad); set it to false (non-reentrant) for an upcycled model')
+    if key not in fsdp:
+        log.warning('upcycle: setting fsdp_config.%s: false (Composer defaults to reentrant, under which the '
+                    'load-balancing loss would not reach the router)', key)
+        fsdp[key] = False
 
 
 def _take_source(cfg: dict[str, Any], ucfg: UpcycleConfig) -> str:

@@ -16,7 +16,7 @@ def recipe(tmp_path, block=None, **top):
     ckpt = tmp_path / 'dense.pt'
     ckpt.write_bytes(b'x')
     cfg = {'model': {**DENSE, 'ffn_config': dict(DENSE['ffn_config'])}, 'load_path': str(ckpt),
-           'load_weights_only': True, 'optimizer': {'name': 'decoupled_adamw', 'lr': 1e-3, 'weight_decay': 5e-5}}
+           'load_weights_only': True, 'precision': 'fp32', 'optimizer': {'name': 'decoupled_adamw', 'lr': 1e-3, 'weight_decay': 5e-5}}
     cfg.update(top)
     if block is not None:
         cfg['upcycle'] = block
@@ -83,8 +83,8 @@ def test_transform_expands_the_block(tmp_path, caplog):
     assert 'upcycle' in cfg, 'the input config must not be mutated'
     assert 'upcycle' not in out and 'load_path' not in out and 'load_weights_only' not in out
     assert out['model']['name'] == 'mpt_upcycle_causal_lm'
-    assert out['model']['ffn_config']['ffn_type'] == 'torch_dmoe'  # no GPU here
-    assert 'falling back from mb_dmoe to torch_dmoe' in caplog.text  # backend auto: never silent
+    assert out['model']['ffn_config']['ffn_type'] == 'torch_dmoe'  # fp32 recipe: never mb_dmoe, GPU or not
+    assert 'using torch_dmoe instead of mb_dmoe because precision=fp32' in caplog.text  # backend auto: never silent
     assert out['model']['load_balancing_loss_weight'] == 0.01
     assert out['callbacks']['upcycle_loader'] == {'source': cfg['load_path'], 'num_experts': 4,
                                                   'router_init_std': 0.02, 'seed': 3, 'expert_noise_std': 0.0}
@@ -94,7 +94,7 @@ def test_transform_expands_the_block(tmp_path, caplog):
 def test_transform_torch_backend_is_quiet(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         apply_upcycle_block(recipe(tmp_path, {'backend': 'torch'}))
-    assert 'falling back' not in caplog.text
+    assert 'instead of mb_dmoe' not in caplog.text
 
 
 @pytest.mark.parametrize('block, top, match', [
