@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.11) with the pinned CPU stack and foundry-upcycle installed editable.
 # Idempotent: a second run with an up-to-date venv takes a few seconds.
+# uv: the one on PATH if it is the pinned version, else a private copy bootstrapped once into a throwaway venv
+# under ~/.cache (works on Debian/Ubuntu system Pythons, which refuse `pip install` outside a venv: PEP 668).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UV_VERSION=0.13.9
-if ! command -v uv >/dev/null 2>&1 || [ "$(uv --version | cut -d' ' -f2)" != "$UV_VERSION" ]; then
-  python3 -m pip install -q --disable-pip-version-check "uv==$UV_VERSION"
-fi
-[ -x .venv/bin/python ] || uv venv -q .venv --python 3.11
+
+uv_path() {
+  if command -v uv >/dev/null 2>&1 && [ "$(uv --version | cut -d' ' -f2)" = "$UV_VERSION" ]; then
+    command -v uv
+    return
+  fi
+  local dir="${XDG_CACHE_HOME:-$HOME/.cache}/foundry-upcycle/uv-$UV_VERSION"
+  if [ ! -f "$dir/.complete" ]; then
+    echo "[setup] bootstrapping uv $UV_VERSION into $dir" >&2
+    rm -rf "$dir"
+    python3 -m venv "$dir" >&2 || { echo "[setup] 'python3 -m venv' failed (Debian/Ubuntu: apt install python3-venv)" >&2; exit 1; }
+    "$dir/bin/python" -m pip install -q --disable-pip-version-check "uv==$UV_VERSION" >&2
+    touch "$dir/.complete"
+  fi
+  echo "$dir/bin/uv"
+}
+
+UV=$(uv_path)
+[ -x .venv/bin/python ] || "$UV" venv -q .venv --python 3.11
 stamp=.venv/.foundry-upcycle-lock
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing pinned stack into .venv (first time: ~1 min, ~6.5 GB)" >&2
-  uv pip install -q --python .venv/bin/python -r requirements.lock
-  uv pip install -q --python .venv/bin/python --no-deps -e .
+  "$UV" pip install -q --python .venv/bin/python -r requirements.lock
+  "$UV" pip install -q --python .venv/bin/python --no-deps -e .
   echo "$want" > "$stamp"
 fi
