@@ -52,3 +52,17 @@ def test_setup_works_where_system_pip_is_refused(tmp_path):
     second = subprocess.run(['bash', 'scripts/setup.sh'], cwd=repo, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and 'bootstrapping' not in second.stderr, second.stderr
     assert time.time() - start < 10  # idempotent and fast
+
+
+def test_gpu_lock_is_the_cpu_lock_plus_megablocks_with_its_bounds():
+    def pins(name):
+        lines = (REPO / name).read_text().splitlines()
+        return dict(line.split('==') for line in lines if '==' in line and not line.lstrip().startswith('#'))
+    cpu, gpu = pins('requirements.lock'), pins('requirements-gpu.lock')
+    changed = {k for k in cpu if gpu.get(k) != cpu[k]}
+    assert changed <= {'numpy', 'packaging'}, changed
+    assert set(gpu) - set(cpu) == {'megablocks', 'grouped-gemm', 'stanford-stk', 'flash-attn'}
+    assert gpu['megablocks'] == '0.10.0' and gpu['torch'] == cpu['torch'] == '2.7.0'
+    major, minor = map(int, gpu['numpy'].split('.')[:2])
+    assert (major, minor) < (2, 1)  # megablocks 0.10.0: numpy<2.1
+    assert tuple(map(int, gpu['packaging'].split('.')[:2])) < (24, 2)  # megablocks 0.10.0: packaging<24.2
