@@ -29,9 +29,9 @@ DENSE = {'d_model': 256, 'n_heads': 4, 'n_layers': 2, 'max_seq_len': 128, 'vocab
                          'rope_impl': 'hf'},
          'ffn_config': {'ffn_type': 'mptglu', 'ffn_act_fn': {'name': 'silu'}}, 'loss_fn': 'torch_crossentropy'}
 UCFG = UpcycleConfig(num_experts=8, top_k=2, load_balancing_loss_weight=0.01)
-# CPU proxy measured (loaded 2-core box, expert_noise_std 0.1): logits 0.022, loss 1.1e-5, lbl 1.3e-3, grad 0.13 (max
-# over parameters), param 0.009; tolerances ~2x those (loss: bf16 cross-entropy of two kernels, a few u).
-TOL = {'logits': 5e-2, 'loss': 2e-3, 'lbl': 1e-2, 'grad': 0.3, 'param': 3e-2}
+# CPU proxy measured (loaded 2-core box): logits 0.043, loss 6.5e-5, lbl 1.8e-4, grad 0.21 (max over parameters),
+# param 0.012; an expert swap: logits 0.56, grad 1.07, param 0.32. Tolerances ~2x the proxy (loss, lbl: a few u).
+TOL = {'logits': 0.1, 'loss': 2e-3, 'lbl': 5e-3, 'grad': 0.5, 'param': 3e-2}
 
 
 def upcycled_state_dict() -> dict[str, torch.Tensor]:
