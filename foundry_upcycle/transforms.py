@@ -58,6 +58,7 @@ def expand(cfg: dict[str, Any], ucfg: UpcycleConfig) -> dict[str, Any]:
         'router_init_std': ucfg.router_init_std,
         'seed': ucfg.seed,
         'expert_noise_std': ucfg.expert_noise_std,
+        'autoresume': bool(cfg.get('autoresume', False)),  # the loader skips its work when Composer will resume
     }
     cfg['callbacks'] = callbacks
     if not ucfg.exact:

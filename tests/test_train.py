@@ -168,3 +168,38 @@ def test_two_processes_match_one(corpus, dense_checkpoint, tmp_path):
         (b1, one), (b2, two) = ce[1][split], ce[2][split]
         assert b1 == b2 == 0
         assert abs(one - two) < 1e-5, (split, one, two)
+
+
+def _numpy1_checkpoint(dense_checkpoint: Path, out: Path) -> Path:
+    """The dense checkpoint re-saved as numpy 1.x + Composer wrote it: the RNG state's arrays pickled under the old
+    module name `numpy.core.multiarray._reconstruct` (torch's legacy format pickles with protocol 2, so the global
+    is a plain text line we can rename)."""
+    import numpy as np
+    state = torch.load(dense_checkpoint, weights_only=False)  # our own test file
+    state['rng'] = [{'numpy': np.random.get_state()}]
+    raw = out / 'raw.pt'
+    torch.save(state, raw, _use_new_zipfile_serialization=False)
+    data = raw.read_bytes()
+    new, old = b'numpy._core.multiarray\n_reconstruct', b'numpy.core.multiarray\n_reconstruct'
+    assert new in data
+    (out / 'numpy1.pt').write_bytes(data.replace(new, old))
+    return out / 'numpy1.pt'
+
+
+def test_numpy1_rng_state_is_allowed(dense_checkpoint, tmp_path):
+    """Issue 8 defect 9: Composer (weights_only=False) loads a numpy-1.x checkpoint; so must our weights-only reader."""
+    from foundry_upcycle.checkpoint_io import load_state_dict
+    ckpt = _numpy1_checkpoint(dense_checkpoint, tmp_path)
+    assert b'numpy._core.multiarray' not in ckpt.read_bytes()
+    composer_view = torch.load(ckpt, weights_only=False)  # what Composer's own loader does
+    assert composer_view['rng'][0]['numpy'][1].dtype.name == 'uint32'
+    ours = load_state_dict(str(ckpt), 'upcycle.from')
+    reference = load_state_dict(str(dense_checkpoint), 'upcycle.from')
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def test_mmap_read_equals_full_read(dense_checkpoint):
+    from foundry_upcycle.checkpoint_io import load_state_dict
+    full, mapped = load_state_dict(str(dense_checkpoint)), load_state_dict(str(dense_checkpoint), mmap=True)
+    assert full.keys() == mapped.keys() and all(torch.equal(full[k], mapped[k]) for k in full)
