@@ -133,7 +133,8 @@ def test_safetensors_bare_keys_relative_path_and_zloss(runs, corpus, dense_check
     bare = {k.removeprefix('model.'): v for k, v in load_state_dict(str(dense_checkpoint)).items()}
     save_safetensors(bare, str(tmp_path / 'dense.safetensors'))
     monkeypatch.chdir(tmp_path)
-    cfg = _base(corpus, Path('dense.safetensors'), tmp_path / 'st')
+    cfg = _base(corpus, dense_checkpoint, tmp_path / 'st')
+    cfg['variables']['dense_checkpoint'] = 'dense.safetensors'
     cfg['upcycle']['zloss_weight'] = 0.001
     cfg['variables']['max_duration'] = '1ba'
     trainer = run_train(cfg)
