@@ -8,6 +8,7 @@ Imports torch, numpy and safetensors only.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -18,11 +19,21 @@ import torch
 
 from foundry_upcycle.atomic import atomic_write
 
+log = logging.getLogger(__name__)
+
+try:  # numpy >= 2 (numpy.core is a deprecated alias there)
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+
 SAFE_COMPOSER_GLOBALS = [
     datetime.timedelta,
     np.dtype,
     np.ndarray,
-    np.core.multiarray._reconstruct,  # type: ignore[attr-defined]
+    _reconstruct,
+    # numpy 1.x pickles (e.g. Composer's RNG state) name it by its old module; the weights-only unpickler matches names.
+    (_reconstruct, 'numpy.core.multiarray._reconstruct'),
+    (_reconstruct, 'numpy._core.multiarray._reconstruct'),
     torch.torch_version.TorchVersion,
 ] + [type(np.dtype(t)) for t in ('uint32', 'int64', 'float64', 'bool')]
 
@@ -38,9 +49,16 @@ def require_readable_file(path: str, what: str) -> Path:
     return p
 
 
-def load_pickle_safely(path: Path, what: str) -> Any:
+def load_pickle_safely(path: Path, what: str, mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)`; with `mmap`, tensors stay on disk until touched (so the optimizer state
+    of a Composer checkpoint is never read into memory). Files in torch's legacy format cannot be mmapped."""
     try:
         with torch.serialization.safe_globals(SAFE_COMPOSER_GLOBALS):
+            if mmap and _is_zip_checkpoint(path):
+                return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+            if mmap:
+                log.warning('%s: %s is in torch\'s legacy (non-zip) format and cannot be memory-mapped; reading it whole',
+                            what, path)
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = [line.strip() for line in str(e).splitlines() if 'Unsupported global' in line]
@@ -54,8 +72,16 @@ def load_pickle_safely(path: Path, what: str) -> Any:
         raise ValueError(f'{what}: {path} is not a readable torch checkpoint ({e})') from None
 
 
-def load_state_dict(path: str, what: str = 'checkpoint') -> dict[str, torch.Tensor]:
-    """The model state dict stored in `path` (Composer checkpoint, torch state dict or safetensors)."""
+def _is_zip_checkpoint(path: Path) -> bool:
+    import zipfile
+    return zipfile.is_zipfile(path)
+
+
+def load_state_dict(path: str, what: str = 'checkpoint', mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The model state dict stored in `path` (Composer checkpoint, torch state dict or safetensors).
+
+    With `mmap`, a zip-format .pt file's tensors are memory-mapped, so peak memory grows with the tensors actually
+    used, not with the file (optimizer state included); safetensors files hold weights only and are read whole."""
     p = require_readable_file(path, what)
     if p.suffix == '.safetensors':
         from safetensors.torch import load_file
@@ -63,7 +89,7 @@ def load_state_dict(path: str, what: str = 'checkpoint') -> dict[str, torch.Tens
             return load_file(str(p))
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f'{what}: {path} is not a readable safetensors file ({e})') from None
-    obj = load_pickle_safely(p, what)
+    obj = load_pickle_safely(p, what, mmap=mmap)
     if isinstance(obj, Mapping) and isinstance(obj.get('state'), Mapping) and 'model' in obj['state']:
         obj = obj['state']['model']
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

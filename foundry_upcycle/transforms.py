@@ -59,6 +59,7 @@ def expand(cfg: dict[str, Any], ucfg: UpcycleConfig) -> dict[str, Any]:
         'router_init_std': ucfg.router_init_std,
         'seed': ucfg.seed,
         'expert_noise_std': ucfg.expert_noise_std,
+        'autoresume': bool(cfg.get('autoresume', False)),  # the loader skips its work when Composer will resume
     }
     if ucfg.expert_output_scale != 1.0:
         callbacks[LOADER_NAME]['expert_output_scale'] = ucfg.expert_output_scale

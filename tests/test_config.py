@@ -87,7 +87,8 @@ def test_transform_expands_the_block(tmp_path, caplog):
     assert 'using torch_dmoe instead of mb_dmoe because precision=fp32' in caplog.text  # backend auto: never silent
     assert out['model']['load_balancing_loss_weight'] == 0.01
     assert out['callbacks']['upcycle_loader'] == {'source': cfg['load_path'], 'num_experts': 4,
-                                                  'router_init_std': 0.02, 'seed': 3, 'expert_noise_std': 0.0}
+                                                  'router_init_std': 0.02, 'seed': 3, 'expert_noise_std': 0.0,
+                                                  'autoresume': bool(cfg.get('autoresume', False))}
     assert out['optimizer']['lr'] == 2e-3 and out['optimizer']['weight_decay'] == pytest.approx(1e-4)
 
 

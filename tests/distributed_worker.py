@@ -1,0 +1,84 @@
+"""Runs foundry's train() for several parallelism modes in one `composer -n N` launch (imports once, a launch
+costs more than a tiny run) and writes, per mode, what tests/test_distributed.py compares: step-0 eval CE,
+per-step losses and LBL, the full parameters after training (rank 0), and any error.
+
+Usage: composer -n 2 tests/distributed_worker.py SPEC.json   (SPEC: {"out": dir, "base": cfg, "modes": {name: overrides}})
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _merge(cfg: dict, overrides: dict) -> dict:
+    cfg = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        *path, leaf = key.split('.')
+        node = cfg
+        for part in path:
+            node = node.setdefault(part, {})
+        if value is None and leaf in node:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return cfg
+
+
+def run_mode(name: str, cfg: dict, out: Path, env: dict) -> dict:
+    from composer.utils import dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from conftest import logged, run_train
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        trainer = run_train(cfg)
+        result = {
+            'ce0': {k: logged(trainer, f'metrics/eval/{k}/LanguageCrossEntropy') for k in ('domain', 'generic')},
+            'loss': logged(trainer, 'loss/train/loss'),
+            'lbl': logged(trainer, 'loss/train/lbl'),
+            'zloss': logged(trainer, 'loss/train/router_zloss'),
+            'total': logged(trainer, 'loss/train/total'),
+            'fsdp': trainer.state.fsdp_enabled,
+            'batch': int(trainer.state.timestamp.batch),
+        }
+        loader = next((c for c in trainer.state.callbacks if type(c).__name__ == 'UpcycleLoader'), None)
+        result['loader'] = getattr(loader, 'report', None)
+        params = get_model_state_dict(trainer.state.model,
+                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_global_rank() == 0:
+            torch.save({k: v.clone() for k, v in params.items()}, out / f'{name}.params.pt')
+        trainer.close()
+    except Exception as e:  # recorded for the test; the other rank usually fails the same way
+        result = {'error': f'{type(e).__name__}: {e}', 'traceback': traceback.format_exc()[-4000:]}
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return result
+
+
+def main(spec_path: str) -> None:
+    from composer.utils import dist
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec['out'])
+    results = {}
+    for name, mode in spec['modes'].items():
+        cfg = _merge(spec['base'], mode.get('overrides', {}))
+        cfg['variables']['run_name'] = mode.get('run_name', name)
+        cfg['variables']['save_folder'] = str(out / mode.get('run_name', name) / 'checkpoints')
+        results[name] = run_mode(name, cfg, out, mode.get('env', {}))
+        if dist.get_global_rank() == 0:
+            (out / 'results.json').write_text(json.dumps(results, indent=1))
+        print(f'distributed_worker: {name}: {results[name].get("error", "ok")}', flush=True)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1])
