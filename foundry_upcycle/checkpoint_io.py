@@ -38,10 +38,11 @@ def require_readable_file(path: str, what: str) -> Path:
     return p
 
 
-def load_pickle_safely(path: Path, what: str) -> Any:
+def load_pickle_safely(path: Path, what: str, mmap: bool = False) -> Any:
+    """mmap=True maps the tensors' storage instead of reading it (zip-format files, as torch.save writes)."""
     try:
         with torch.serialization.safe_globals(SAFE_COMPOSER_GLOBALS):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         unsafe = [line.strip() for line in str(e).splitlines() if 'Unsupported global' in line]
         if not unsafe:
@@ -54,8 +55,12 @@ def load_pickle_safely(path: Path, what: str) -> Any:
         raise ValueError(f'{what}: {path} is not a readable torch checkpoint ({e})') from None
 
 
-def load_state_dict(path: str, what: str = 'checkpoint') -> dict[str, torch.Tensor]:
-    """The model state dict stored in `path` (Composer checkpoint, torch state dict or safetensors)."""
+def load_state_dict(path: str, what: str = 'checkpoint', mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The model state dict stored in `path` (Composer checkpoint, torch state dict or safetensors).
+
+    mmap=True (torch files): tensors are mapped from the file, not read, so nothing else in it (optimizer
+    state) is materialised and each tensor is read when used.
+    """
     p = require_readable_file(path, what)
     if p.suffix == '.safetensors':
         from safetensors.torch import load_file
@@ -63,7 +68,7 @@ def load_state_dict(path: str, what: str = 'checkpoint') -> dict[str, torch.Tens
             return load_file(str(p))
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f'{what}: {path} is not a readable safetensors file ({e})') from None
-    obj = load_pickle_safely(p, what)
+    obj = load_pickle_safely(p, what, mmap=mmap)
     if isinstance(obj, Mapping) and isinstance(obj.get('state'), Mapping) and 'model' in obj['state']:
         obj = obj['state']['model']
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
