@@ -19,7 +19,9 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .outputs import dump_json, write_atomically
+from foundry_upcycle.atomic import atomic_write_files
+
+from .outputs import dump_json
 
 SCHEMA = 1
 METRICS = {'ce_domain': 'lower', 'core_average': 'higher'}  # quality metric -> which direction is better
@@ -357,7 +359,7 @@ def cost_report(results_path: str, inference_path: str, out_dir: str, **kwargs) 
     inference = _read_json(inference_path, 'inference')
     cost = build_cost(results, inference, **kwargs)
     cost['inputs'] = {'results': str(results_path), 'inference': str(inference_path)}
-    cost['files'] = write_atomically(out_dir, {
+    cost['files'] = atomic_write_files(out_dir, {
         'cost.md': lambda p: Path(p).write_text(render_cost_section(cost)),
         'cost_breakeven.png': lambda p: plot_breakeven(cost, p),
         'cost.json': lambda p: dump_json(cost, p),

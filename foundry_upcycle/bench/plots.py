@@ -28,7 +28,8 @@ def plot_latency_vs_throughput(result: dict[str, Any], path: str) -> None:
     models = result['models']
     panels = [('offline', 'Offline: static batches (point label = batch size)', lambda r: f"b={r['batch_size']}")]
     if any(m['online'] for m in models):
-        panels.append(('online', 'Online: Poisson arrivals (point label = request rate; ' + str(models[0].get('online_mode', '')).split(' (')[0] + ' batching)',
+        mode = str(models[0].get('online_mode', '')).split(' (')[0]
+        panels.append(('online', f'Online: Poisson arrivals, {mode} (point label = request rate)',
                        lambda r: f"{r['rate']:g}/s"))
     panels = [p for p in panels if any(m[p[0]] for m in models)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)

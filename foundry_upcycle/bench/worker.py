@@ -48,7 +48,7 @@ def bench_model(model: ServedModel, wl: modes.Workload, engine_kind: str, dtype:
             info['offline'] = [modes.repeated([modes.run_offline(engine, prompts, b, wl, bar)
                                                for _ in range(wl.repeats)]) for b in wl.batch_sizes]
         if engine_kind == 'vllm':
-            info['online_mode'] = 'continuous'
+            info['online_mode'] = 'continuous batching (vLLM)'
 
             def measure(rate):
                 return modes.repeated([run_async(modes.run_continuous(engine, prompts, rate, wl, wl.seed + i))
