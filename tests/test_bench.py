@@ -369,10 +369,11 @@ def test_break_even_interpolated_and_extrapolated_by_hand():
     extra = (2 ** 1.5 - 1) * 1e12
     assert be['extra_train_flops'] == pytest.approx(extra)
     assert be['tokens_flops'] == pytest.approx(extra / ((FPT_MOE - FPT_DENSE) / 3))  # 1e6 extra FLOPs/token
-    assert be['tokens_measured'] == pytest.approx(extra / (FPT_DENSE / 3 * 0.25))  # MoE 25% slower
+    assert be['tokens_throughput'] == pytest.approx(extra / (FPT_DENSE / 3 * 0.25))  # MoE 25% slower
     assert low['ce_domain_gain'] == pytest.approx(0.15)
-    assert low['extra_cost_per_token'] == {'measured': pytest.approx(0.25), 'flops': pytest.approx(0.5)}
-    assert low['quality_per_extra_cost']['measured']['ce_domain'] == pytest.approx(0.15 / 0.25)
+    assert low['extra_cost_per_token'] == {'seconds': pytest.approx(0.25), 'throughput': pytest.approx(0.25),
+                                           'flops': pytest.approx(0.5)}
+    assert low['quality_per_extra_cost']['seconds']['ce_domain'] == pytest.approx(0.15 / 0.25)
     # Core average (higher is better) crosses at the same place: 0.25 between 0.2 and 0.3.
     assert low['break_even']['core_average']['cpt_train_flops_needed'] == pytest.approx(2 ** 1.5 * 1e12)
     # 0.5x: upcycled 2.85 vs CPT 2.9 at 2e12 -> same crossing, less extra compute.
@@ -389,7 +390,7 @@ def test_break_even_never_when_cpt_saturates():
                         flops=(1e12, 2e12, 4e12, 8e12))
     cost = C.build_cost(flat, make_inference())
     be = cost['budgets'][-1]['break_even']['ce_domain']
-    assert be['status'] == 'never' and be['tokens_flops'] is None and be['tokens_measured'] is None
+    assert be['status'] == 'never' and be['tokens_flops'] is None and be['tokens_throughput'] is None
     assert be['verdict_flops'].startswith('never')
     assert cost['budgets'][0]['break_even']['ce_domain']['status'] == 'interpolated'  # 2.95 reached at 1.41e12
     worse = C.build_cost(make_results([3.0, 2.9, 3.0], [2.9, 2.8, 2.7]), make_inference())  # CPT gets worse
@@ -401,10 +402,10 @@ def test_no_gain_and_no_extra_cost():
     cost = C.build_cost(make_results([3.0, 2.9, 2.8], [3.1, 2.95, 2.8]), make_inference())
     for row in cost['budgets']:  # CPT as good or better: dense is cheaper at any demand
         assert row['break_even']['ce_domain']['status'] == 'not_needed'
-        assert row['break_even']['ce_domain']['tokens_measured'] == 0.0
+        assert row['break_even']['ce_domain']['tokens_throughput'] == 0.0
     fast_moe = C.build_cost(make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.75]), make_inference(top2_tps=120.0))
     be = fast_moe['budgets'][0]['break_even']['ce_domain']
-    assert be['tokens_measured'] is None and 'no more per token' in be['verdict_measured']
+    assert be['tokens_throughput'] is None and 'no more per token' in be['verdict_throughput']
     assert be['tokens_flops'] is not None
 
 
@@ -429,6 +430,58 @@ def test_missing_field_is_named():
     inference['models'] = inference['models'][:2]  # no top-2 MoE benchmarked
     with pytest.raises(ValueError, match='top_k=2'):
         C.build_cost(make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6]), inference)
+
+
+def schema2(results, seconds=None, sem=None):
+    """results.json schema 2 (the study's multi-seed format) from a schema-1 dict."""
+    arms = []
+    for i, a in enumerate(results['arms']):
+        secs = None if seconds is None else seconds[a['arm']][i // 2]
+        arms.append({'arm': a['arm'], 'budget': a['budget'], 'train_flops': a['train_flops'],
+                     'train_tokens': a['tokens'], 'eval': a['eval'], 'n_seeds': 3,
+                     'eval_std': {'ce_domain': 0.01}, 'eval_sem': {'ce_domain': sem} if sem else {},
+                     'per_seed': [], 'train_seconds': secs})
+    return {**results, 'schema': 2, 'arms': arms}
+
+
+def test_seconds_basis_by_hand_and_schema_2():
+    """Defect 7: training seconds per arm (results.json) and serving seconds per processed token (benchmark)."""
+    base = make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6])
+    # CPT takes 100, 200, 400 s; the upcycled runs 150, 300, 600 s (slower per FLOP).
+    results = schema2(base, seconds={'cpt': [100.0, 200.0, 400.0], 'upcycle': [150.0, 300.0, 600.0]})
+    cost = C.build_cost(results, make_inference())  # total tokens/s: dense 500, top-2 400
+    assert cost['results_schema'] == 2 and cost['inference']['metric'] == 'total_tokens_per_s'
+    extra_per_token = 1 / 400 - 1 / 500
+    assert cost['inference']['extra_seconds_per_token'] == pytest.approx(extra_per_token)
+    low = cost['budgets'][0]['break_even']['ce_domain']
+    # 2.85 is reached half way (log) between the CPT runs of 200 s and 400 s: 2**1.5 * 100 s; upcycled took 150 s.
+    assert low['cpt_train_seconds_needed'] == pytest.approx(2 ** 1.5 * 100)
+    assert low['extra_train_seconds'] == pytest.approx(2 ** 1.5 * 100 - 150)
+    assert low['tokens_seconds'] == pytest.approx((2 ** 1.5 * 100 - 150) / extra_per_token)
+    mid = cost['budgets'][1]['break_even']['ce_domain']  # upcycled took 300 s > 282.8 s CPT needs: no demand helps
+    assert mid['extra_train_seconds'] == 0.0 and mid['tokens_seconds'] == 0.0
+    # Same FLOP-basis answer as schema 1 (flops_per_token derived from train_flops / train_tokens).
+    one = C.build_cost(base, make_inference())
+    assert low['tokens_flops'] == pytest.approx(one['budgets'][0]['break_even']['ce_domain']['tokens_flops'])
+    md = C.render_cost_section(cost)
+    assert f"{low['tokens_seconds']:.3g}" in md and 'tokens processed' in md and 'optimistic for CPT' in md
+
+
+def test_seconds_missing_is_said_not_invented_and_ties_are_called():
+    results = schema2(make_results([3.0, 2.9, 2.8], [2.85, 2.89, 2.6]), seconds=None, sem=0.02)
+    cost = C.build_cost(results, make_inference())
+    be = cost['budgets'][0]['break_even']['ce_domain']
+    assert be['tokens_seconds'] is None and be['seconds_status'] == 'missing'
+    assert 'train_seconds missing' in be['verdict_seconds']
+    assert any('no training seconds' in w for w in cost['warnings'])
+    mid = cost['budgets'][1]
+    assert mid['ce_domain_gain'] == pytest.approx(0.01) and mid['ce_domain_tie'] is True  # 0.01 < 2 x 0.028
+    assert cost['budgets'][2]['ce_domain_tie'] is False
+    assert 'a tie' in C.render_cost_section(cost)
+    with pytest.raises(ValueError, match="arms\\[0\\]: field 'n_seeds'"):
+        bad = schema2(make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6]))
+        del bad['arms'][0]['n_seeds']
+        C.build_cost(bad, make_inference())
 
 
 def test_cost_report_files_and_section(tmp_path):
@@ -482,5 +535,6 @@ def test_cli_cost(tmp_path, capsys):
     assert args.func(args) == 0
     cost = json.loads((tmp_path / 'o' / 'cost.json').read_text())
     assert cost['top_k'] == 1 and cost['inference']['throughput_ratio'] == pytest.approx(100 / 90)
-    assert math.isclose(cost['budgets'][0]['extra_cost_per_token']['measured'], 100 / 90 - 1)
+    assert math.isclose(cost['budgets'][0]['extra_cost_per_token']['throughput'], 100 / 90 - 1)
+    assert any('top-1' in w and 'trained with top-2' in w for w in cost['warnings'])
     assert 'cost.md' in capsys.readouterr().out

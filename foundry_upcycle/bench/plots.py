@@ -101,7 +101,7 @@ def _breakeven_panel(ax, cost: dict[str, Any]) -> None:
     width = 0.38
     finite: list[float] = []
     labels: list[tuple[float, str]] = []
-    for j, basis in enumerate(('measured', 'flops')):
+    for j, basis in enumerate(('seconds', 'flops')):
         for i, b in enumerate(budgets):
             be = b['break_even'][metric]
             tokens = be[f'tokens_{basis}'] if be else None
@@ -121,9 +121,9 @@ def _breakeven_panel(ax, cost: dict[str, Any]) -> None:
     ax.set_xticks(range(len(budgets)), [f"{b['budget']:g}x" for b in budgets])
     ax.set_xlim(-0.6, len(budgets) - 0.4)
     ax.set_xlabel('training budget (fraction of the dense pretraining FLOPs)')
-    ax.set_ylabel('break-even lifetime demand (tokens served, log)')
+    ax.set_ylabel('break-even lifetime demand (tokens processed, log)')
     ax.set_title(f'Above the bar the dense CPT model is cheaper for the same {metric}', fontsize=10)
     ax.grid(True, axis='y', alpha=0.3)
     from matplotlib.patches import Patch
-    ax.legend(handles=[Patch(color='C0', label='extra cost per token from measured throughput'),
+    ax.legend(handles=[Patch(color='C0', label='measured seconds (training and serving)'),
                        Patch(color='C1', label='extra cost per token from FLOPs')], fontsize=8)
