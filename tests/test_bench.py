@@ -516,6 +516,11 @@ def test_cli_bench_config_and_errors(tmp_path):
     assert cfg.shape.n_layers == 3 and cfg.shape.d_model == 64
     assert (cfg.workload.input_tokens, cfg.workload.output_tokens) == I.CPU_WORKLOAD
     assert cfg.workload.batch_sizes == (1, 4) and cfg.workload.rates == (0.5, 2.0) and cfg.top_ks == (1, 2)
+    args = _parser().parse_args(['bench-inference', '--device', 'cpu', '--workload', 'paper', '--rates', '8,16',
+                                 '--online-max-seconds', '6', '--out', str(tmp_path)])
+    wl = bench_cli.bench_config(args).workload
+    assert (wl.input_tokens, wl.output_tokens, wl.repeats, wl.rates, wl.online_max_seconds) == (3500, 300, 3,
+                                                                                                (8.0, 16.0), 6.0)
     for argv, match in ((['--batch-sizes', '1,x'], '--batch-sizes'), (['--rates', '-1'], '--rates'),
                         (['--shape', 'huge'], '--shape'), (['--dense', str(tmp_path / 'nope')], '--dense')):
         args = _parser().parse_args(['bench-inference', '--device', 'cpu', '--out', str(tmp_path), *argv])

@@ -42,7 +42,7 @@ def bench_model(model: ServedModel, wl: modes.Workload, engine_kind: str, dtype:
     engine = make_engine(engine_kind, model, wl, dtype, device)
     prompts = modes.PromptStream(read_config(model.path)['vocab_size'], wl.input_tokens, wl.seed)
     try:
-        engine.run_batch(prompts.take(min(wl.batch_sizes + (wl.scheduler_batch,))), wl.output_tokens)  # warm-up
+        engine.run_batch(prompts.take(min(wl.batch_sizes + (wl.scheduler_batch, 8))), wl.output_tokens)  # warm-up
         n_batches = sum(math.ceil(wl.num_requests / b) for b in wl.batch_sizes)
         with tqdm(total=wl.repeats * n_batches, desc=info['name'], unit='batch', disable=not progress) as bar:
             info['offline'] = [modes.repeated([modes.run_offline(engine, prompts, b, wl, bar)
