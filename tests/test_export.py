@@ -421,3 +421,46 @@ def test_export_checkpoint_streams_from_mmap_and_safetensors(foundry, tmp_path):
                                 progress=False)
         _, diff = max_diff(mpt, out)
         assert diff <= TOL
+
+
+def test_export_converts_lazily_one_job_at_a_time(foundry, tmp_path, monkeypatch):
+    """Defect 6: the writer receives jobs that read and cast their tensors when written, not a converted copy of
+    the whole model made up front (which also held a second full copy when casting)."""
+    from foundry_upcycle.export import hf_export
+    cfg = mpt_cfg(ffn=MOE_FFN)
+    mpt = build(foundry, cfg)
+    seen = {}
+    real = hf_export.write_sharded
+
+    def spy(out, jobs, *args, **kwargs):
+        seen['jobs'] = jobs
+        return real(out, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(hf_export, 'write_sharded', spy)
+    export_state_dict(mpt.state_dict(), cfg, tmp_path / 'hf', dtype=torch.bfloat16, progress=False)
+    jobs = seen['jobs']
+    assert len(jobs) < sum(len(j.specs) for j in jobs)  # a layer's experts come from one job (one MPT tensor)
+    for job in jobs[:6]:
+        first, second = job.produce(), job.produce()
+        assert all(a is not b and torch.equal(a, b) for a, b in zip(first, second))  # made on demand
+
+
+def test_callback_reads_weights_on_rank_zero_only(foundry, tmp_path, monkeypatch):
+    """Defect 6: without FSDP, ranks other than 0 neither copy the state dict nor export."""
+    from types import SimpleNamespace
+    from foundry_upcycle.export import callback as cb
+    model = build(foundry, mpt_cfg(ffn=MOE_FFN))
+    calls = []
+    real_state_dict = model.state_dict
+    monkeypatch.setattr(model, 'state_dict', lambda *a, **k: calls.append(1) or real_state_dict(*a, **k))
+    state = SimpleNamespace(fsdp_enabled=False, model=model, run_name='r',
+                            timestamp=SimpleNamespace(batch=3))
+    hook = cb.HFExportCheckpointer(save_folder=str(tmp_path / '{run_name}'), save_interval=1)
+    hook.resolved_target = 'mixtral'
+    monkeypatch.setattr(cb.dist, 'get_global_rank', lambda: 1)
+    hook._export(state)
+    assert calls == [] and not (tmp_path / 'r').exists()
+    monkeypatch.setattr(cb.dist, 'get_global_rank', lambda: 0)
+    hook._last_batch = -1
+    hook._export(state)
+    assert calls == [1] and (tmp_path / 'r' / 'ba3' / 'config.json').is_file()
