@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import _children  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
 GB = 1e9
 
@@ -43,8 +43,7 @@ def sizes(a, depth: int) -> tuple[int, int]:
     return src, out
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+peak_rss_mb = _children.peak_rss_mb
 
 
 # ---------------------------------------------------------------- child processes
@@ -118,11 +117,7 @@ def verify(src: Path, out: Path, a) -> bool:
 
 
 def run_child(a, *args: str) -> dict:
-    cmd = [sys.executable, __file__, '--child', *args, *forward_args(a)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
-    if proc.returncode != 0:
-        raise SystemExit(f'child {args[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _children.run_child(__file__, forward_args(a), *args)
 
 
 def forward_args(a) -> list[str]:

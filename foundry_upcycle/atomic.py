@@ -80,3 +80,25 @@ def atomic_output_dir(out: str | os.PathLike, tag: str, overwrite: bool = False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_write_files(out_dir: str | os.PathLike, writers: dict[str, Callable[[str], object]]) -> dict[str, str]:
+    """Writes several files into `out_dir` (which may hold other things): every writer runs on a temp file first;
+    only when all have succeeded are they renamed into place, in the given order (put the main file last).
+    A failing writer leaves none of them behind, and any older versions untouched."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f'output {out} exists and is not a directory')
+    out.mkdir(parents=True, exist_ok=True)
+    tmps: dict[str, str] = {}
+    try:
+        for name, write in writers.items():
+            fd, tmps[name] = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=out)
+            os.close(fd)
+            write(tmps[name])
+        for name in writers:
+            os.replace(tmps.pop(name), out / name)
+    finally:
+        for tmp in tmps.values():
+            Path(tmp).unlink(missing_ok=True)
+    return {name: str(out / name) for name in writers}

@@ -14,6 +14,12 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
+# The GLU matrices under their three names. Llama/Mistral dense MLP -> Mixtral expert: gate_proj [F, D] -> w1,
+# up_proj [F, D] -> w3, down_proj [D, F] -> w2. MegaBlocks / torch_dmoe expert tensor -> dense matrix:
+# w1 = gate, v1 = up, w2 = down.T (stored [E*F, D], so each expert's slice is transposed back).
+MIXTRAL_EXPERT_NAMES = {'gate_proj': 'w1', 'up_proj': 'w3', 'down_proj': 'w2'}
+MEGABLOCKS_TO_DENSE = {'w1': ('gate_proj', False), 'v1': ('up_proj', False), 'w2': ('down_proj', True)}
+
 _FFN_KEY = re.compile(r'^(?P<prefix>.*?transformer\.blocks\.)(?P<layer>\d+)\.ffn\.(?P<rest>.+)$')
 _DENSE_PARAMS = ('up_proj.weight', 'gate_proj.weight', 'down_proj.weight')
 _MOE_MARKERS = ('router.layer.weight', 'experts.mlp.w1')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import json
 import os
 import warnings
 from pathlib import Path
@@ -88,18 +89,25 @@ PARITY = {
     'mixtral_top1_mqa': (dict(ffn={**MOE_FFN, 'moe_top_k': 1}, attn={'attn_type': 'multiquery_attention',
                                                                      'kv_n_heads': None}), 'mixtral',
                          'MixtralForCausalLM'),
-    'dbrx': (dict(ffn={**MOE_FFN, 'ffn_act_fn': {'name': 'gelu'}, 'moe_normalize_expert_weights': None},
-                  norm='low_precision_layernorm', attn={'clip_qkv': 0.8}), 'auto', 'DbrxForCausalLM'),
+    'dbrx': (dict(ffn=MOE_FFN, norm='low_precision_layernorm', attn={'clip_qkv': 0.8}), 'auto', 'DbrxForCausalLM'),
+}
+# Exact on transformers only (vLLM's DBRX would apply SiLU and renormalise): exported with allow_inexact_engines.
+TRANSFORMERS_ONLY = {
+    'dbrx_gelu_unnormalised': (dict(ffn={**MOE_FFN, 'ffn_act_fn': {'name': 'gelu'}, 'moe_normalize_expert_weights': None},
+                                    norm='low_precision_layernorm', attn={'clip_qkv': 0.8}), 'auto', 'DbrxForCausalLM'),
 }
 
 
-@pytest.mark.parametrize('case', sorted(PARITY))
+@pytest.mark.parametrize('case', sorted(PARITY) + sorted(TRANSFORMERS_ONLY))
 def test_logit_parity(foundry, tmp_path, case):
-    over, target, arch = PARITY[case]
+    over, target, arch = {**PARITY, **TRANSFORMERS_ONLY}[case]
     cfg = mpt_cfg(**over)
     cfg['attn_config'] = {k: v for k, v in cfg['attn_config'].items() if v is not None}
     mpt = build(foundry, cfg)
-    out = export_state_dict(mpt.state_dict(), cfg, tmp_path / 'hf', target=target, progress=False)
+    out = export_state_dict(mpt.state_dict(), cfg, tmp_path / 'hf', target=target, progress=False,
+                            allow_inexact_engines=case in TRANSFORMERS_ONLY)
+    engines = json.loads((out / 'engines.json').read_text())
+    assert engines['exact_on'] == (['transformers'] if case in TRANSFORMERS_ONLY else ['transformers', 'vllm'])
     hf, diff = max_diff(mpt, out)
     print(f'{case}: {arch} max |logit diff| = {diff:.3g}')
     assert type(hf).__name__ == arch
@@ -165,7 +173,6 @@ def test_upcycled_recipe_via_cli_and_generate(foundry, tmp_path):
                               '--dtype', 'bf16'])
     assert args.func(args) == 0
     assert not (tmp_path / 'hf' / 'stale.txt').exists() and not list(tmp_path.glob('.hf.*'))
-    import json
     from safetensors import safe_open
     assert json.loads((tmp_path / 'hf' / 'config.json').read_text())['torch_dtype'] == 'bfloat16'
     with safe_open(str(tmp_path / 'hf' / 'model.safetensors'), framework='pt') as f:
@@ -279,3 +286,181 @@ def test_callback_exports_during_fit(foundry, tmp_path):
     assert not (tmp_path / 'bad').exists()
     with pytest.raises(ValueError, match='save_interval'):
         HFExportCheckpointer(save_folder=str(tmp_path), save_interval='sometimes')
+
+
+# ------------------------------------------------------------------ engines, dail rope, mb_dmoe, bf16, shards
+
+VLLM_INEXACT = [
+    (dict(ffn={**MOE_FFN, 'ffn_act_fn': {'name': 'gelu'}}, norm='layernorm'), 'dbrx', 'ffn_config.ffn_act_fn'),
+    (dict(ffn={**MOE_FFN, 'moe_normalize_expert_weights': None}, norm='layernorm'), 'dbrx',
+     'ffn_config.moe_normalize_expert_weights'),
+    (dict(ffn=MOE_FFN, attn={'rope_hf_config': {'type': 'linear', 'factor': 2.0}}), 'mixtral',
+     'attn_config.rope_hf_config'),
+]
+
+
+@pytest.mark.parametrize('over,target,key', VLLM_INEXACT, ids=[r[2] for r in VLLM_INEXACT])
+def test_refuses_exports_vllm_would_compute_differently(foundry, tmp_path, over, target, key, caplog):
+    """Defect 5: such exports load in vLLM and silently serve another function; refused by name unless asked."""
+    cfg = mpt_cfg(**over)
+    mpt = build(foundry, cfg)
+    with pytest.raises(ValueError, match=r'vLLM.*\n.*model\.' + key.replace('.', r'\.')):
+        export_state_dict(mpt.state_dict(), cfg, tmp_path / 'hf', target=target, progress=False)
+    assert not (tmp_path / 'hf').exists()
+    with caplog.at_level('WARNING'):
+        out = export_state_dict(mpt.state_dict(), cfg, tmp_path / 'hf', target=target, progress=False,
+                                allow_inexact_engines=True)
+    assert key in caplog.text
+    engines = json.loads((out / 'engines.json').read_text())
+    assert engines['exact_on'] == ['transformers'] and key in engines['not_exact_on']['vllm']
+
+
+class ReferenceDAILRotary(torch.nn.Module):
+    """flash_attn.layers.rotary.RotaryEmbedding (interleaved=False, no xpos) in plain torch, written from the
+    flash-attn 2.x source: inv_freq = base^(-2i/d) in fp32, positions from seqlen_offset, GPT-NeoX (rotate-half)
+    pairing; rotates q and the k half of kv. flash-attn's triton kernel does not run on CPU, so this stands in."""
+
+    def __init__(self, dim, base=10000.0, interleaved=False, scale_base=None, pos_idx_in_fp32=True, device=None):
+        super().__init__()
+        assert not interleaved and scale_base is None
+        self.register_buffer('inv_freq', 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)),
+                             persistent=False)
+
+    def _rotate(self, x, offset):  # x [B, S, H, hd]
+        t = torch.arange(offset, offset + x.shape[1], dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        cos = torch.cat([freqs.cos()] * 2, -1)[None, :, None].to(x.dtype)
+        sin = torch.cat([freqs.sin()] * 2, -1)[None, :, None].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    def forward(self, q, kv, seqlen_offset=0, max_seqlen=None):  # kv [B, S, 2, KV, hd]
+        return self._rotate(q, seqlen_offset), torch.stack([self._rotate(kv[:, :, 0], seqlen_offset), kv[:, :, 1]], 2)
+
+
+def test_parity_with_rope_impl_dail(foundry, tmp_path, monkeypatch):
+    """MPT's default rope (flash-attn's rotary, used on GPU) exports to the same Mixtral as rope_impl hf."""
+    from llmfoundry.models.mpt import configuration_mpt, modeling_mpt
+    monkeypatch.setattr(modeling_mpt, 'DAILRotaryEmbedding', ReferenceDAILRotary, raising=False)
+    monkeypatch.setattr(configuration_mpt, 'is_flash_v2_installed', lambda v2_version='2.0.0': True)
+    cfg = mpt_cfg(ffn=MOE_FFN, attn={'rope_impl': 'dail'})
+    mpt = build(foundry, cfg)
+    assert isinstance(mpt.model.transformer.rotary_embedding, ReferenceDAILRotary)
+    out = export_state_dict(mpt.state_dict(), cfg, tmp_path / 'hf', progress=False)
+    hf, diff = max_diff(mpt, out)
+    print(f'rope_impl dail (reference rotary) -> Mixtral: max |logit diff| = {diff:.3g}')
+    assert diff <= TOL
+    hf_rope = build(foundry, mpt_cfg(ffn=MOE_FFN))  # same seed, same weights, rope_impl hf
+    with torch.no_grad():
+        x = ids()
+        assert (hf_rope.model(input_ids=x).logits - mpt.model(input_ids=x).logits).abs().max() <= TOL
+
+
+def test_mb_dmoe_config_exports_where_the_target_can_represent_it(foundry, tmp_path):
+    """An mb_dmoe recipe (megablocks: tanh-GELU unless ffn_act_fn says otherwise) shares torch_dmoe's tensors.
+    Its default activation has no Mixtral equivalent (refused); DBRX in transformers computes it; with SiLU
+    set explicitly it is an exact Mixtral."""
+    mb = {**MOE_FFN, 'ffn_type': 'mb_dmoe', 'moe_world_size': 1, 'mlp_impl': 'grouped', 'moe_loss_weight': 0.01}
+    mb.pop('ffn_act_fn')
+    with pytest.raises(ValueError, match='ffn_act_fn'):
+        check_target(mpt_cfg(ffn=mb), 'mixtral')
+    tanh = build(foundry, mpt_cfg(ffn={**MOE_FFN, 'ffn_act_fn': {'name': 'gelu', 'approximate': 'tanh'}},
+                                  norm='layernorm'))
+    out = export_state_dict(tanh.state_dict(), mpt_cfg(ffn=mb, norm='layernorm'), tmp_path / 'dbrx', progress=False,
+                            allow_inexact_engines=True)
+    hf, diff = max_diff(tanh, out)
+    assert type(hf).__name__ == 'DbrxForCausalLM' and diff <= TOL
+    silu = build(foundry, mpt_cfg(ffn=MOE_FFN))
+    out = export_state_dict(silu.state_dict(), mpt_cfg(ffn={**mb, 'ffn_act_fn': {'name': 'silu'}}),
+                            tmp_path / 'mixtral', progress=False)
+    hf, diff = max_diff(silu, out)
+    assert type(hf).__name__ == 'MixtralForCausalLM' and diff <= TOL
+
+
+def test_bf16_export_parity_and_sharding_with_index(foundry, tmp_path):
+    from safetensors import safe_open
+    cfg = mpt_cfg(ffn=MOE_FFN)
+    mpt = build(foundry, cfg)
+    out = export_state_dict(mpt.state_dict(), cfg, tmp_path / 'hf', dtype=torch.bfloat16, max_shard_bytes=40_000,
+                            progress=False)
+    index = json.loads((out / 'model.safetensors.index.json').read_text())
+    shards = sorted(p.name for p in out.glob('*.safetensors'))
+    assert len(shards) >= 3 and sorted(set(index['weight_map'].values())) == shards
+    sizes, names = 0, set()
+    for shard in shards:
+        with safe_open(str(out / shard), framework='pt') as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                assert t.dtype == torch.bfloat16 and index['weight_map'][k] == shard
+                sizes += t.numel() * 2
+                names.add(k)
+    assert names == set(index['weight_map']) and index['metadata']['total_size'] == sizes
+    with torch.no_grad():  # the reference: the same model with its weights rounded to bf16
+        for p in mpt.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    hf, diff = max_diff(mpt, out)
+    print(f'bf16 export: max |logit diff| vs bf16-rounded MPT = {diff:.3g}')
+    assert diff <= TOL
+
+
+def test_export_checkpoint_streams_from_mmap_and_safetensors(foundry, tmp_path):
+    """A Composer checkpoint with optimizer state is memory-mapped (the state is never read) and both it and a
+    safetensors file export to the same tensors as the in-memory path."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+    from foundry_upcycle.export.hf_export import export_checkpoint
+    cfg = mpt_cfg(ffn=MOE_FFN)
+    mpt = build(foundry, cfg)
+    sd = mpt.state_dict()
+    torch.save({'state': {'model': sd, 'optimizers': {'adam': {k: torch.zeros_like(v) for k, v in sd.items()}}}},
+               tmp_path / 'ckpt.pt')
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / 'w.safetensors'))
+    OmegaConf.save({'model': cfg}, tmp_path / 'recipe.yaml')
+    for name in ('ckpt.pt', 'w.safetensors'):
+        out = export_checkpoint(str(tmp_path / name), str(tmp_path / 'recipe.yaml'), str(tmp_path / f'hf-{name}'),
+                                progress=False)
+        _, diff = max_diff(mpt, out)
+        assert diff <= TOL
+
+
+def test_export_converts_lazily_one_job_at_a_time(foundry, tmp_path, monkeypatch):
+    """Defect 6: the writer receives jobs that read and cast their tensors when written, not a converted copy of
+    the whole model made up front (which also held a second full copy when casting)."""
+    from foundry_upcycle.export import hf_export
+    cfg = mpt_cfg(ffn=MOE_FFN)
+    mpt = build(foundry, cfg)
+    seen = {}
+    real = hf_export.write_sharded
+
+    def spy(out, jobs, *args, **kwargs):
+        seen['jobs'] = jobs
+        return real(out, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(hf_export, 'write_sharded', spy)
+    export_state_dict(mpt.state_dict(), cfg, tmp_path / 'hf', dtype=torch.bfloat16, progress=False)
+    jobs = seen['jobs']
+    assert len(jobs) < sum(len(j.specs) for j in jobs)  # a layer's experts come from one job (one MPT tensor)
+    for job in jobs[:6]:
+        first, second = job.produce(), job.produce()
+        assert all(a is not b and torch.equal(a, b) for a, b in zip(first, second))  # made on demand
+
+
+def test_callback_reads_weights_on_rank_zero_only(foundry, tmp_path, monkeypatch):
+    """Defect 6: without FSDP, ranks other than 0 neither copy the state dict nor export."""
+    from types import SimpleNamespace
+    from foundry_upcycle.export import callback as cb
+    model = build(foundry, mpt_cfg(ffn=MOE_FFN))
+    calls = []
+    real_state_dict = model.state_dict
+    monkeypatch.setattr(model, 'state_dict', lambda *a, **k: calls.append(1) or real_state_dict(*a, **k))
+    state = SimpleNamespace(fsdp_enabled=False, model=model, run_name='r',
+                            timestamp=SimpleNamespace(batch=3))
+    hook = cb.HFExportCheckpointer(save_folder=str(tmp_path / '{run_name}'), save_interval=1)
+    hook.resolved_target = 'mixtral'
+    monkeypatch.setattr(cb.dist, 'get_global_rank', lambda: 1)
+    hook._export(state)
+    assert calls == [] and not (tmp_path / 'r').exists()
+    monkeypatch.setattr(cb.dist, 'get_global_rank', lambda: 0)
+    hook._last_batch = -1
+    hook._export(state)
+    assert calls == [1] and (tmp_path / 'r' / 'ba3' / 'config.json').is_file()

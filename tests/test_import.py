@@ -39,7 +39,8 @@ def save_dense(out: Path, model_type='llama', dtype=torch.float32, max_shard_siz
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
     config_cls, model_cls = {'llama': (LlamaConfig, LlamaForCausalLM),
                              'mistral': (MistralConfig, MistralForCausalLM)}[model_type]
-    cfg = config_cls(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=3, num_attention_heads=4,
+    over = {'vocab_size': V, **over}
+    cfg = config_cls(hidden_size=D, intermediate_size=F, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, rope_theta=5000.0, bos_token_id=0,
                      eos_token_id=0, pad_token_id=2, **over)
     torch.manual_seed(0)
@@ -85,7 +86,9 @@ def test_import_gives_dense_logits_and_trainable_config(dense, tmp_path):
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['model_type'] == 'mixtral' and cfg['architectures'] == ['MixtralForCausalLM']
     assert (cfg['num_local_experts'], cfg['num_experts_per_tok']) == (E, K)
-    assert cfg['output_router_logits'] is True and cfg['router_aux_loss_coef'] == 0.01
+    assert cfg['output_router_logits'] is False and cfg['router_aux_loss_coef'] == 0.01  # serving config
+    engines = json.loads((out / 'engines.json').read_text())
+    assert engines['exact_on'] == ['transformers', 'vllm'] and engines['vllm_top_k_key'] == 'num_experts_per_tok'
     assert cfg['router_jitter_noise'] == 0
 
     x = ids()
@@ -105,8 +108,9 @@ def test_import_gives_dense_logits_and_trainable_config(dense, tmp_path):
     routers = [router_weight(E, D, 0.02, g) for _ in range(3)]
     assert torch.equal(moe.gate.weight, routers[1])
 
-    # The load-balancing loss is on: the training loss is cross-entropy + 0.01 * aux loss.
-    out_train = mixtral(x, labels=x)
+    # Training turns the router logits on (yamls/hf/mixtral.yaml does it through config_overrides): then the loss
+    # is cross-entropy + 0.01 * aux loss.
+    out_train = mixtral(x, labels=x, output_router_logits=True)
     ce = torch.nn.functional.cross_entropy(out_train.logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1))
     assert out_train.aux_loss > 0
     torch.testing.assert_close(out_train.loss, ce + 0.01 * out_train.aux_loss)
@@ -151,7 +155,8 @@ def test_exception_mid_way_leaves_no_output_and_rerun_succeeds(dense, tmp_path, 
     monkeypatch.setattr(writer, 'write_safetensors_stream', fail_after_first_shard)
     with pytest.raises(RuntimeError, match='disk on fire'):
         import_hf_to_mixtral(src, tmp_path / 'moe', num_experts=E, shard_size_mb=0.15, progress=False)
-    assert calls and calls[0].is_file() is False  # the first shard existed only inside the temp dir
+    # The first shard was written inside a hidden temp dir beside the target, which the failure removed.
+    assert calls and calls[0].parent.parent == tmp_path and calls[0].parent.name.startswith('.moe.hf-import-tmp-')
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(writer, 'write_safetensors_stream', real)
     result = import_hf_to_mixtral(src, tmp_path / 'moe', num_experts=E, shard_size_mb=0.15, progress=False)
@@ -226,22 +231,48 @@ def test_cli_import_hf(dense, tmp_path):
     assert (cfg['num_local_experts'], cfg['num_experts_per_tok'], cfg['router_aux_loss_coef']) == (4, 1, 0.02)
 
 
-@pytest.mark.slow
-def test_foundry_hf_causal_lm_trains_it_with_lbl(dense, tmp_path):
-    """foundry's hf_causal_lm loads the import and its training loss includes the load-balancing term."""
-    from transformers import AutoTokenizer
-    from llmfoundry.models.hf import ComposerHFCausalLM
-    src, _ = dense
+def test_imported_mixtral_generates_with_kv_cache(dense, tmp_path):
+    """Defect 1: saved with output_router_logits true, transformers 4.51's Mixtral computed the aux loss on every
+    decode step and generate raised (size of tensor a (4) must match ... (0)). The import must serve."""
+    src, model = dense
     out = import_hf_to_mixtral(src, tmp_path / 'moe', num_experts=E, top_k=K, progress=False).path
-    tok = AutoTokenizer.from_pretrained(str(out))
-    model = ComposerHFCausalLM(tokenizer=tok, pretrained_model_name_or_path=str(out), pretrained=True,
-                               use_train_metrics=False, trust_remote_code=False).train()
-    x = ids()
+    from transformers import AutoModelForCausalLM
+    mixtral = AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+    prompt = ids(batch=2, seq=8)
+    got = mixtral.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6,
+                           do_sample=False, use_cache=True)
+    ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6,
+                         do_sample=False, use_cache=True)
+    assert torch.equal(got, ref)  # the fresh upcycle is the dense model's function, token for token
+
+
+@pytest.mark.slow
+def test_shipped_hf_recipe_trains_the_import_with_lbl(corpus, tmp_path):
+    """yamls/hf/mixtral.yaml under foundry's own train(): hf_causal_lm loads the import, the recipe turns the router
+    logits on, and the training loss is CE + coef * load-balancing loss (it would be CE alone without the recipe)."""
+    import copy
+    from conftest import YAMLS, run_train
+    from omegaconf import OmegaConf as om
+    src = tmp_path / 'dense'
+    save_dense(src, vocab_size=264, max_shard_size='10MB')  # >= the corpus tokenizer's 258 tokens
+    out = import_hf_to_mixtral(src, tmp_path / 'moe', num_experts=E, top_k=K, load_balancing_loss_weight=0.02,
+                               progress=False).path
+    for tok_file in corpus['tokenizer'].iterdir():
+        (out / tok_file.name).write_bytes(tok_file.read_bytes())
+    cfg = om.to_container(om.load(YAMLS / 'hf' / 'mixtral.yaml'), resolve=False)
+    cfg['variables'].update(model=str(out), data_dir=str(corpus['domain']), save_folder=str(tmp_path / 'ckpt'),
+                            run_name='hf-mixtral', max_seq_len=32, max_duration='2ba', eval_interval='2ba',
+                            save_interval='2ba', global_batch_size=4, warmup='1ba')
+    cfg['loggers'] = {'inmemory': {}}
+    trainer = run_train(copy.deepcopy(cfg))
+    model = trainer.state.model
+    assert model.model.config.output_router_logits is True
+    assert model.model.config.router_aux_loss_coef == 0.02
+    x = torch.randint(3, 258, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = {'input_ids': x, 'attention_mask': torch.ones_like(x), 'labels': x}
     outputs = model(batch)
     loss = model.loss(outputs, batch)
-    ce = torch.nn.functional.cross_entropy(outputs.logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1))
+    ce = torch.nn.functional.cross_entropy(outputs.logits[:, :-1].reshape(-1, 264), x[:, 1:].reshape(-1))
     assert outputs.aux_loss is not None and outputs.aux_loss > 0
-    torch.testing.assert_close(loss, ce + 0.01 * outputs.aux_loss)
-    loss.backward()
-    assert model.model.model.layers[0].block_sparse_moe.gate.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(loss, ce + 0.02 * outputs.aux_loss)
+    trainer.close()

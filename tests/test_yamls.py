@@ -1,6 +1,6 @@
 """Shipped recipes: each CPT/upcycle pair differs in exactly the `upcycle:` block, and every recipe expands.
 
-Training coverage: yamls/tiny/* run in test_train.py (pretrain via the dense_checkpoint fixture); the paper
+Training coverage: yamls/hf/mixtral.yaml runs in test_import.py; yamls/tiny/* run in test_train.py (pretrain via the dense_checkpoint fixture); the paper
 shapes (436m, 1.4b) are built and stepped in test_study.py.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ PAIRS = sorted(p.parent.name for p in YAMLS.glob('*/upcycle.yaml'))
 
 def test_every_yaml_is_known():
     shipped = sorted(str(p.relative_to(YAMLS)) for p in YAMLS.rglob('*.yaml'))
-    expected = ['tiny/pretrain.yaml'] + [f'{d}/{arm}.yaml' for d in PAIRS for arm in ('cpt', 'upcycle')]
+    expected = ['tiny/pretrain.yaml', 'hf/mixtral.yaml'] + [f'{d}/{arm}.yaml' for d in PAIRS
+                                                            for arm in ('cpt', 'upcycle')]
     assert shipped == sorted(expected), 'a new recipe needs a test'
     assert PAIRS == ['1.4b', '436m', 'tiny']
 

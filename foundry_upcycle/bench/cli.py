@@ -33,13 +33,21 @@ def _register_bench(subparsers) -> None:
     p.add_argument('--num-requests', type=int, help='requests per setting (default 16 on CPU, 64 on GPU)')
     p.add_argument('--batch-sizes', help='offline batch sizes, comma-separated (default 1,2,4,8 on CPU, '
                    '1,4,16,64 on GPU); empty for none')
-    p.add_argument('--rates', default='auto', help="online request rates (req/s), comma-separated; 'auto' "
-                   '(default): fractions of the dense model\'s best offline rate; empty for no online mode')
-    p.add_argument('--max-batch-size', type=int, help='online scheduler batch limit (default: largest batch size)')
-    p.add_argument('--online-max-seconds', type=float, default=30.0,
-                   help='time bound per online rate; nothing is admitted after it (default 30)')
-    p.add_argument('--repeats', type=int, default=1,
-                   help='runs per setting; the one with the median throughput is reported (default 1)')
+    p.add_argument('--rates', default=None, help="online request rates (req/s), comma-separated; 'auto' "
+                   '(default): on vLLM a doubling sweep from --start-rate to saturation, on HF fractions of the dense model\'s best offline rate; empty for no online mode')
+    p.add_argument('--workload', choices=('default', 'paper'), default='default',
+                   help="paper: the paper's 3500 in / 300 out, a Poisson rate sweep to saturation, 3 repeats (the "
+                        'flags below override single fields)')
+    p.add_argument('--start-rate', type=float, help="first rate of the 'auto' sweep on vLLM (doubles until "
+                   'throughput stops growing; default 1, paper workload 2)')
+    p.add_argument('--max-batch-size', type=int, help='engine concurrency limit: vLLM max_num_seqs, HF online batch '
+                   '(default: largest batch size)')
+    p.add_argument('--online-max-seconds', type=float,
+                   help='time bound per online rate; nothing is submitted after it (default 30)')
+    p.add_argument('--drain-seconds', type=float, help='after the bound, unfinished requests get this long, then '
+                   'are cancelled and counted as unfinished (default: --online-max-seconds)')
+    p.add_argument('--repeats', type=int,
+                   help='runs per setting; means (and std) of throughput are reported (default 1 on CPU, 3 on GPU)')
     p.add_argument('--engine', choices=('auto', 'hf', 'vllm'), default='auto',
                    help='auto: vLLM when importable with a GPU, else HF generate')
     p.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
@@ -63,8 +71,9 @@ def _register_cost(subparsers) -> None:
                    help='CPT budgets the extrapolation line is fitted over (default 3)')
     p.add_argument('--saturation-tol', type=float, default=1e-3,
                    help='CPT improvement per doubling of compute below which it counts as saturated (default 1e-3)')
-    p.add_argument('--throughput-metric', choices=('output_tokens_per_s', 'total_tokens_per_s'),
-                   default='output_tokens_per_s')
+    p.add_argument('--throughput-metric', choices=('total_tokens_per_s', 'output_tokens_per_s'),
+                   default='total_tokens_per_s', help='processed (prompt + generated) tokens/s, the default, or '
+                   'generated tokens/s only')
     p.add_argument('--out', required=True, metavar='DIR', help='output directory')
     p.set_defaults(func=_cost_handler)
 
@@ -101,22 +110,32 @@ def bench_config(args):
     import dataclasses
 
     from . import inference as inf
+    from .engines import resolve_device
+    from .modes import CPU_WORKLOAD, PAPER_WORKLOAD, Workload, paper_workload
+    from foundry_upcycle.shapes import SHAPES
     _check_dir(args.dense, '--dense')
     _check_dir(args.moe, '--moe')
-    if args.shape not in inf.SHAPES:
-        raise ValueError(f'--shape: unknown shape {args.shape!r}; choose from {sorted(inf.SHAPES)}')
+    if args.shape not in SHAPES:
+        raise ValueError(f'--shape: unknown shape {args.shape!r}; choose from {sorted(SHAPES)}')
     overrides = {field: getattr(args, f'shape_{flag}') for flag, field in SHAPE_FLAGS.items()
                  if getattr(args, f'shape_{flag}') is not None}
-    shape = dataclasses.replace(inf.SHAPES[args.shape], **overrides)
-    gpu = inf.resolve_device(args.device).type == 'cuda'
-    default_in, default_out = inf.PAPER_WORKLOAD if gpu else inf.CPU_WORKLOAD
-    batch_sizes = parse_ints(args.batch_sizes if args.batch_sizes is not None
-                             else ('1,4,16,64' if gpu else '1,2,4,8'), '--batch-sizes')
-    workload = inf.Workload(
-        input_tokens=args.input_tokens or default_in, output_tokens=args.output_tokens or default_out,
-        num_requests=args.num_requests or (64 if gpu else 16), batch_sizes=batch_sizes,
-        rates=parse_rates(args.rates), max_batch_size=args.max_batch_size,
-        online_max_seconds=args.online_max_seconds, repeats=args.repeats, seed=args.seed)
+    shape = dataclasses.replace(SHAPES[args.shape], **overrides)
+    gpu = resolve_device(args.device).type == 'cuda'
+    default_in, default_out = PAPER_WORKLOAD if gpu else CPU_WORKLOAD
+    given = {
+        'input_tokens': args.input_tokens, 'output_tokens': args.output_tokens, 'num_requests': args.num_requests,
+        'batch_sizes': None if args.batch_sizes is None else parse_ints(args.batch_sizes, '--batch-sizes'),
+        'rates': parse_rates(args.rates) if args.rates is not None else None, 'start_rate': args.start_rate,
+        'max_batch_size': args.max_batch_size, 'online_max_seconds': args.online_max_seconds,
+        'drain_seconds': args.drain_seconds, 'repeats': args.repeats, 'seed': args.seed,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.workload == 'paper':
+        workload = paper_workload(**given)
+    else:
+        defaults = {'input_tokens': default_in, 'output_tokens': default_out, 'num_requests': 64 if gpu else 16,
+                    'batch_sizes': (1, 4, 16, 64) if gpu else (1, 2, 4, 8), 'rates': 'auto', 'repeats': 3 if gpu else 1}
+        workload = Workload(**{**defaults, **given})
     return inf.BenchConfig(workload=workload, shape=shape, dense_path=args.dense, moe_path=args.moe,
                            top_ks=parse_ints(args.top_k, '--top-k'), engine=args.engine, device=args.device,
                            dtype=args.dtype, threads=args.threads, progress=not args.no_progress)
@@ -124,9 +143,10 @@ def bench_config(args):
 
 def _bench_handler(args) -> int:
     from . import inference as inf
+    from .outputs import render_max_throughput
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     result = inf.benchmark(bench_config(args), args.out)
-    print(inf.render_max_throughput(result))
+    print(render_max_throughput(result))
     for name, path in result['files'].items():
         print(f'wrote {path}')
     return 0

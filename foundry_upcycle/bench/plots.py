@@ -15,7 +15,7 @@ def _pyplot():
 
 def _curve(ax, runs: list[dict[str, Any]], label_of, name: str, marker: str) -> None:
     """Points joined in the order of the setting (batch size or request rate), as in the paper's figures."""
-    xs = [r['output_tokens_per_s'] for r in runs]
+    xs = [r['total_tokens_per_s'] for r in runs]
     ys = [r['latency_p50_s'] for r in runs]
     ax.plot(xs, ys, marker=marker, label=name)
     for r, x, y in zip(runs, xs, ys):
@@ -28,7 +28,8 @@ def plot_latency_vs_throughput(result: dict[str, Any], path: str) -> None:
     models = result['models']
     panels = [('offline', 'Offline: static batches (point label = batch size)', lambda r: f"b={r['batch_size']}")]
     if any(m['online'] for m in models):
-        panels.append(('online', 'Online: Poisson arrivals (point label = request rate)',
+        mode = str(models[0].get('online_mode', '')).split(' (')[0]
+        panels.append(('online', f'Online: Poisson arrivals, {mode} (point label = request rate)',
                        lambda r: f"{r['rate']:g}/s"))
     panels = [p for p in panels if any(m[p[0]] for m in models)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
@@ -39,7 +40,7 @@ def plot_latency_vs_throughput(result: dict[str, Any], path: str) -> None:
             if runs:
                 _curve(ax, runs, label_of, f"{m['name']} ({_params(m)})", MARKERS[i % len(MARKERS)])
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel('throughput (output tokens/s)')
+        ax.set_xlabel('throughput (input + output tokens/s)')
         ax.set_ylabel('median end-to-end latency per request (s)')
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
@@ -100,7 +101,7 @@ def _breakeven_panel(ax, cost: dict[str, Any]) -> None:
     width = 0.38
     finite: list[float] = []
     labels: list[tuple[float, str]] = []
-    for j, basis in enumerate(('measured', 'flops')):
+    for j, basis in enumerate(('seconds', 'flops')):
         for i, b in enumerate(budgets):
             be = b['break_even'][metric]
             tokens = be[f'tokens_{basis}'] if be else None
@@ -120,9 +121,9 @@ def _breakeven_panel(ax, cost: dict[str, Any]) -> None:
     ax.set_xticks(range(len(budgets)), [f"{b['budget']:g}x" for b in budgets])
     ax.set_xlim(-0.6, len(budgets) - 0.4)
     ax.set_xlabel('training budget (fraction of the dense pretraining FLOPs)')
-    ax.set_ylabel('break-even lifetime demand (tokens served, log)')
+    ax.set_ylabel('break-even lifetime demand (tokens processed, log)')
     ax.set_title(f'Above the bar the dense CPT model is cheaper for the same {metric}', fontsize=10)
     ax.grid(True, axis='y', alpha=0.3)
     from matplotlib.patches import Patch
-    ax.legend(handles=[Patch(color='C0', label='extra cost per token from measured throughput'),
+    ax.legend(handles=[Patch(color='C0', label='measured seconds (training and serving)'),
                        Patch(color='C1', label='extra cost per token from FLOPs')], fontsize=8)

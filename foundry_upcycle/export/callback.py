@@ -7,9 +7,10 @@ YAML (under `callbacks:`):
       target: auto                        # auto | llama | mistral | mixtral | dbrx
       tokenizer: /path/to/tokenizer_dir   # optional, copied into every export
       dtype: bf16                         # optional; default keeps the training dtype
-At each interval and at the end of fit it writes `<save_folder>/ba<N>/` atomically (rank 0 writes; under FSDP
-every rank joins the gather). The target is checked at INIT, so a recipe the target cannot represent fails
-before training starts.
+At each interval and at the end of fit it writes `<save_folder>/ba<N>/` atomically. Only rank 0 reads the
+weights: without FSDP it streams them from its own replica one tensor at a time (no state-dict copy, the other
+ranks do nothing); under FSDP every rank joins the gather, which keeps the full state dict on rank 0's CPU
+only. The target is checked at INIT, so a recipe the target cannot represent fails before training starts.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import create_interval_scheduler, dist
 
-from foundry_upcycle.export.hf_export import (TARGETS, check_target, export_state_dict, mpt_config_dict,
-                                              parse_dtype)
+from foundry_upcycle.export.hf_export import check_target, engine_support, export_state_dict, mpt_config_dict
+from foundry_upcycle.export.targets import TARGETS, parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ class HFExportCheckpointer(Callback):
         self._last_batch = -1
 
     def init(self, state: State, logger: Logger) -> None:
-        self.resolved_target, _ = check_target(_mpt_config(state), self.target)
+        self.resolved_target, arch = check_target(_mpt_config(state), self.target)
+        engine_support(arch, self.resolved_target)
         log.info('hf_moe_checkpointer: will export %s checkpoints to %s', self.resolved_target, self.save_folder)
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
@@ -95,16 +97,15 @@ class HFExportCheckpointer(Callback):
         if batch == self._last_batch:
             return
         self._last_batch = batch
-        if state.fsdp_enabled:
+        if state.fsdp_enabled:  # a collective: every rank joins, rank 0 alone receives the tensors
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
             state_dict = get_model_state_dict(state.model, options=StateDictOptions(full_state_dict=True,
                                                                                      cpu_offload=True))
-        else:
-            state_dict = {k: v.detach().cpu() for k, v in _unwrap(state.model).state_dict().items()}
+        elif dist.get_global_rank() == 0:
+            state_dict = _unwrap(state.model).state_dict()  # views of the live weights; copied one at a time
         if dist.get_global_rank() == 0:
             out = Path(self.save_folder.format(run_name=state.run_name)) / f'ba{batch}'
             export_state_dict(state_dict, _mpt_config(state), out, target=self.resolved_target or self.target,
                               tokenizer=self.tokenizer, overwrite=self.overwrite, dtype=self.dtype, progress=False)
             self.exported.append(out)
             log.info('hf_moe_checkpointer: wrote %s', out)
-        dist.barrier()

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-TARGETS = ('auto', 'llama', 'mistral', 'mixtral', 'dbrx')
+from foundry_upcycle.export.targets import DTYPE_NAMES, TARGETS
 
 
 def _export(args: argparse.Namespace) -> int:
-    from foundry_upcycle.export.hf_export import export_checkpoint, parse_dtype
+    from foundry_upcycle.export.hf_export import export_checkpoint
+    from foundry_upcycle.export.targets import parse_dtype
     out = export_checkpoint(args.checkpoint, args.config, args.out, target=args.target, tokenizer=args.tokenizer,
-                            overwrite=args.overwrite, dtype=parse_dtype(args.dtype))
+                            overwrite=args.overwrite, dtype=parse_dtype(args.dtype),
+                            allow_inexact_engines=args.allow_inexact_engines)
     print(f'wrote {out}')
     return 0
 
@@ -37,8 +39,11 @@ def register(subparsers) -> None:
     p.add_argument('--target', default='auto', choices=TARGETS,
                    help='auto: llama for dense, mixtral for RMSNorm MoE, dbrx for LayerNorm MoE')
     p.add_argument('--tokenizer', default=None, help='tokenizer directory to include')
-    p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16'),
+    p.add_argument('--dtype', default=None, choices=sorted(DTYPE_NAMES),
                    help='cast weights (default: keep the checkpoint dtype)')
+    p.add_argument('--allow-inexact-engines', action='store_true',
+                   help='export even when vLLM would compute the result differently (e.g. a GELU or '
+                        'non-renormalised DBRX, a rope-scaled Mixtral); engines.json records it')
     p.add_argument('--overwrite', action='store_true', help='replace an existing non-empty --out')
     p.set_defaults(func=_export)
 

@@ -18,24 +18,26 @@ convention of all four targets; `dail` (non-interleaved) is the same rotation.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
 from foundry_upcycle.atomic import atomic_output_dir
-from foundry_upcycle.export.writer import in_memory_jobs, write_sharded
+from foundry_upcycle.export.targets import (ARCHITECTURES, ENGINES_FILE, TARGETS, engines_record,  # noqa: F401
+                                            parse_dtype)
+from foundry_upcycle.export.sources import MemorySource, open_checkpoint
+from foundry_upcycle.export.writer import Job, TensorSpec, write_sharded
+from foundry_upcycle.upcycle import MEGABLOCKS_TO_DENSE, MIXTRAL_EXPERT_NAMES
 
 log = logging.getLogger(__name__)
 
-TARGETS = ('auto', 'llama', 'mistral', 'mixtral', 'dbrx')
-ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'mixtral': 'MixtralForCausalLM',
-                 'dbrx': 'DbrxForCausalLM'}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 # MPTConfig's defaults for the keys that decide the architecture (tests compare them with llmfoundry's).
@@ -295,6 +297,39 @@ def check_target(model_cfg: Mapping[str, Any], target: str = 'auto') -> tuple[st
     return target, arch
 
 
+def vllm_differences(arch: MPTArch, target: str) -> dict[str, str]:
+    """{config key: why} for each way vLLM would compute this export differently from the trained model.
+
+    vLLM's DBRX runs a fused MoE with SiLU and renormalised top-k whatever `ffn_act_fn` and
+    `moe_normalize_expert_weights` say; vLLM's Mixtral builds its rotary embedding without `rope_scaling`.
+    """
+    out = {}
+    if target == 'dbrx':
+        if arch.act != 'silu':
+            out['ffn_config.ffn_act_fn'] = f"{arch.act}: vLLM's DBRX always applies SiLU in its experts"
+        if arch.normalize != 1:
+            out['ffn_config.moe_normalize_expert_weights'] = (
+                f"{arch.normalize!r}: vLLM's DBRX always renormalises the top-k router weights to sum to 1")
+    if target == 'mixtral' and arch.rope_scaling is not None:
+        out['attn_config.rope_hf_config'] = (f"{arch.rope_scaling['rope_type']!r} rope scaling: vLLM's Mixtral "
+                                             'ignores rope_scaling')
+    return out
+
+
+def engine_support(arch: MPTArch, target: str, allow_inexact_engines: bool = False) -> dict[str, Any]:
+    """Which engines compute the export exactly (written to engines.json). Raises ValueError naming each key
+    that vLLM would compute differently, unless `allow_inexact_engines` (then a warning names them)."""
+    diffs = vllm_differences(arch, target)
+    if diffs and not allow_inexact_engines:
+        raise ValueError(f'{target} export would load in vLLM but compute another function:\n  - '
+                         + '\n  - '.join(f'model.{k}: {v}' for k, v in diffs.items())
+                         + '\nchange the model, or pass allow_inexact_engines / --allow-inexact-engines to export '
+                         'it for transformers only')
+    for key, why in diffs.items():
+        log.warning('export for transformers only: vLLM would compute it differently (model.%s: %s)', key, why)
+    return engines_record(target, diffs)
+
+
 def hf_config(arch: MPTArch, target: str, dtype: torch.dtype):
     """The transformers config of the exported model."""
     if target == 'dbrx':
@@ -321,7 +356,9 @@ def hf_config(arch: MPTArch, target: str, dtype: torch.dtype):
         return LlamaConfig(attention_bias=False, mlp_bias=False, **common)
     if target == 'mistral':
         return MistralConfig(sliding_window=None, **common)
-    # Serving default: no router logits in the outputs; hf_causal_lm training sets output_router_logits itself.
+    # Serving config: with output_router_logits, transformers 4.51's Mixtral computes the aux loss on every decode
+    # step and fails under a KV cache. Training turns it on through the recipe (yamls/hf/mixtral.yaml:
+    # model.config_overrides.output_router_logits: true); foundry's hf_causal_lm does not set it.
     return MixtralConfig(sliding_window=None, num_local_experts=arch.num_experts, num_experts_per_tok=arch.top_k,
                          output_router_logits=False, router_aux_loss_coef=arch.aux_loss_weight,
                          router_jitter_noise=0.0, **common)
@@ -332,16 +369,17 @@ def hf_config(arch: MPTArch, target: str, dtype: torch.dtype):
 _BLOCK = re.compile(r'^transformer\.blocks\.(\d+)\.(.+)$')
 
 
-def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drops the key prefix (Composer's `model.`) and the fused-block `norm_attn_norm.` level."""
-    anchors = [k for k in state_dict if k.endswith('transformer.wte.weight')]
+def _strip_prefix(names: Iterable[str]) -> dict[str, str]:
+    """{MPT name without the key prefix (Composer's `model.`) and fused-block `norm_attn_norm.` level: source name}."""
+    names = list(names)
+    anchors = [k for k in names if k.endswith('transformer.wte.weight')]
     if len(anchors) != 1:
         raise ValueError('checkpoint: no single `transformer.wte.weight` tensor; not an MPT state dict')
     prefix = anchors[0][:-len('transformer.wte.weight')]
-    outside = sorted(k for k in state_dict if not k.startswith(prefix))
+    outside = sorted(k for k in names if not k.startswith(prefix))
     if outside:
         raise ValueError(f'checkpoint: tensors outside the model prefix {prefix!r}: {outside[:5]}')
-    return {k[len(prefix):].replace('.norm_attn_norm.', '.'): v for k, v in state_dict.items()}
+    return {k[len(prefix):].replace('.norm_attn_norm.', '.'): k for k in names}
 
 
 def _expected_mpt_keys(arch: MPTArch) -> list[str]:
@@ -374,11 +412,11 @@ def _expected_shapes(arch: MPTArch) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(sd: Mapping[str, torch.Tensor], arch: MPTArch) -> None:
-    """ValueError naming missing, unexpected (e.g. biases) or mis-shaped tensors."""
+def check_state_dict(shapes: Mapping[str, tuple[int, ...]], arch: MPTArch) -> None:
+    """ValueError naming missing, unexpected (e.g. biases) or mis-shaped tensors. shapes: stripped name -> shape."""
     expected = _expected_shapes(arch)
-    extra = sorted(set(sd) - set(expected))
-    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(shapes) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
     if extra or missing:
         hint = ' (biases: the targets hold none; set no_bias: true)' if any(k.endswith('.bias') for k in extra) else ''
         if any('.ffn.' in k for k in extra + missing):
@@ -386,79 +424,103 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], arch: MPTArch) -> None:
         raise ValueError(f'checkpoint does not match the model config: unexpected {extra[:6]}, '
                          f'missing {missing[:6]}{hint}')
     for key, shape in expected.items():
-        if tuple(sd[key].shape) != shape:
-            raise ValueError(f'checkpoint: {key} has shape {tuple(sd[key].shape)}, the model config gives {shape} '
+        if tuple(shapes[key]) != shape:
+            raise ValueError(f'checkpoint: {key} has shape {tuple(shapes[key])}, the model config gives {shape} '
                              '(check d_model, n_heads, kv_n_heads, ffn_hidden_size, vocab_size, moe_num_experts)')
 
 
-def _split_qkv(block: Mapping[str, torch.Tensor], arch: MPTArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not arch.fused_qkv:
-        return block['attn.Wq.weight'], block['attn.Wk.weight'], block['attn.Wv.weight']
-    q, kv = arch.n_heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    return tuple(t.contiguous() for t in block['attn.Wqkv.weight'].split([q, kv, kv], dim=0))  # type: ignore
+class _Plan:
+    """Builds the target's jobs; each job reads its MPT tensor(s) only when the writer asks for them."""
+
+    def __init__(self, source, arch: MPTArch, dtype: Optional[torch.dtype]):
+        self.source, self.arch, self.dtype = source, arch, dtype
+        self.names = _strip_prefix(source.specs)
+        check_state_dict({k: source.specs[v].shape for k, v in self.names.items()}, arch)
+        self.jobs: list[Job] = []
+
+    def out_dtype(self, mpt: str) -> torch.dtype:
+        return self.dtype or self.source.specs[self.names[mpt]].dtype
+
+    def read(self, mpt: str) -> torch.Tensor:
+        """One MPT tensor on the CPU in the output dtype (one copy at most: the cast or the device move)."""
+        t = self.source.read(self.names[mpt])
+        return t.to(device='cpu', dtype=self.dtype or t.dtype)
+
+    def add(self, outputs: list[tuple[str, tuple[int, ...]]], mpt: str, produce) -> None:
+        specs = tuple(TensorSpec(name, shape, self.out_dtype(mpt)) for name, shape in outputs)
+        self.jobs.append(Job(specs, lambda: [t.contiguous() for t in produce(self.read(mpt))]))
+
+    def same(self, out: str, mpt: str) -> None:
+        self.add([(out, _expected_shapes(self.arch)[mpt])], mpt, lambda t: [t])
+
+    def qkv(self, pre: str, i: int, fused_out: Optional[str]) -> None:
+        """Llama q/k/v projections, or DBRX's fused Wqkv (`fused_out`), from MPT's Wqkv or Wq/Wk/Wv."""
+        a, mpt = self.arch, f'transformer.blocks.{i}.attn'
+        q, kv = a.n_heads * a.head_dim, a.kv_heads * a.head_dim
+        if a.fused_qkv and fused_out:
+            self.same(fused_out, f'{mpt}.Wqkv.weight')
+        elif a.fused_qkv:
+            outs = [(f'{pre}.{n}_proj.weight', (rows, a.d_model)) for n, rows in (('q', q), ('k', kv), ('v', kv))]
+            self.add(outs, f'{mpt}.Wqkv.weight', lambda t: t.split([q, kv, kv], dim=0))
+        elif fused_out:  # unfused MPT -> DBRX's fused Wqkv: the one job that reads three tensors
+            spec = TensorSpec(fused_out, (q + 2 * kv, a.d_model), self.out_dtype(f'{mpt}.Wq.weight'))
+            self.jobs.append(Job((spec,), lambda: [torch.cat([self.read(f'{mpt}.W{n}.weight') for n in 'qkv'])]))
+        else:
+            for n in 'qkv':
+                self.same(f'{pre}.{n}_proj.weight', f'{mpt}.W{n}.weight')
+
+    def mixtral_experts(self, pre: str, i: int) -> None:
+        """MPT [E F, D] expert tensors -> Mixtral's per-expert w1 / w3 [F, D] and w2 [D, F]."""
+        E, F, D = self.arch.num_experts, self.arch.ffn_hidden, self.arch.d_model
+        for mb, (dense_name, transposed) in MEGABLOCKS_TO_DENSE.items():
+            w = MIXTRAL_EXPERT_NAMES[dense_name]
+            outs = [(f'{pre}.experts.{e}.{w}.weight', (D, F) if transposed else (F, D)) for e in range(E)]
+            # [E F, D] -> E x [F, D] (-> [D, F])
+            self.add(outs, f'transformer.blocks.{i}.ffn.experts.mlp.{mb}',
+                     lambda t, tr=transposed: [x.t() if tr else x for x in t.reshape(E, F, D)])
 
 
-def _llama_layer(i: int, block: Mapping[str, torch.Tensor], arch: MPTArch) -> dict[str, torch.Tensor]:
-    q, k, v = _split_qkv(block, arch)
-    out = {
-        f'model.layers.{i}.input_layernorm.weight': block['norm_1.weight'],
-        f'model.layers.{i}.self_attn.q_proj.weight': q,
-        f'model.layers.{i}.self_attn.k_proj.weight': k,
-        f'model.layers.{i}.self_attn.v_proj.weight': v,
-        f'model.layers.{i}.self_attn.o_proj.weight': block['attn.out_proj.weight'],
-        f'model.layers.{i}.post_attention_layernorm.weight': block['norm_2.weight'],
-    }
-    if not arch.moe:
-        for name in ('gate_proj', 'up_proj', 'down_proj'):
-            out[f'model.layers.{i}.mlp.{name}.weight'] = block[f'ffn.{name}.weight']
-        return out
-    E, F, D = arch.num_experts, arch.ffn_hidden, arch.d_model
-    moe = f'model.layers.{i}.block_sparse_moe'
-    out[f'{moe}.gate.weight'] = block['ffn.router.layer.weight']
-    w1, v1, w2 = (block[f'ffn.experts.mlp.{n}'].reshape(E, F, D) for n in ('w1', 'v1', 'w2'))
-    for e in range(E):
-        out[f'{moe}.experts.{e}.w1.weight'] = w1[e].contiguous()       # gate_proj [F, D]
-        out[f'{moe}.experts.{e}.w3.weight'] = v1[e].contiguous()       # up_proj [F, D]
-        out[f'{moe}.experts.{e}.w2.weight'] = w2[e].t().contiguous()   # down_proj [D, F]
-    return out
-
-
-def _dbrx_layer(i: int, block: Mapping[str, torch.Tensor], arch: MPTArch) -> dict[str, torch.Tensor]:
-    q, k, v = _split_qkv(block, arch)
-    pre = f'transformer.blocks.{i}'
-    out = {
-        f'{pre}.norm_attn_norm.norm_1.weight': block['norm_1.weight'],
-        f'{pre}.norm_attn_norm.attn.Wqkv.weight': torch.cat([q, k, v], dim=0),
-        f'{pre}.norm_attn_norm.attn.out_proj.weight': block['attn.out_proj.weight'],
-        f'{pre}.norm_attn_norm.norm_2.weight': block['norm_2.weight'],
-        f'{pre}.ffn.router.layer.weight': block['ffn.router.layer.weight'],
-    }
-    for n in ('w1', 'v1', 'w2'):  # same [E F, D] layout as megablocks / torch_dmoe
-        out[f'{pre}.ffn.experts.mlp.{n}'] = block[f'ffn.experts.mlp.{n}']
-    return out
+def plan_export(source, arch: MPTArch, target: str, dtype: Optional[torch.dtype] = None) -> list[Job]:
+    """The target's tensors as lazy jobs over an MPT source (any key prefix), in model order."""
+    p = _Plan(source, arch, dtype)
+    dbrx = target == 'dbrx'
+    p.same('transformer.wte.weight' if dbrx else 'model.embed_tokens.weight', 'transformer.wte.weight')
+    for i in range(arch.n_layers):
+        mpt = f'transformer.blocks.{i}'
+        if dbrx:
+            pre = f'transformer.blocks.{i}'
+            p.same(f'{pre}.norm_attn_norm.norm_1.weight', f'{mpt}.norm_1.weight')
+            p.qkv(pre, i, fused_out=f'{pre}.norm_attn_norm.attn.Wqkv.weight')
+            p.same(f'{pre}.norm_attn_norm.attn.out_proj.weight', f'{mpt}.attn.out_proj.weight')
+            p.same(f'{pre}.norm_attn_norm.norm_2.weight', f'{mpt}.norm_2.weight')
+            p.same(f'{pre}.ffn.router.layer.weight', f'{mpt}.ffn.router.layer.weight')
+            for n in MEGABLOCKS_TO_DENSE:  # DBRX keeps the [E F, D] layout of megablocks / torch_dmoe
+                p.same(f'{pre}.ffn.experts.mlp.{n}', f'{mpt}.ffn.experts.mlp.{n}')
+            continue
+        pre = f'model.layers.{i}'
+        p.same(f'{pre}.input_layernorm.weight', f'{mpt}.norm_1.weight')
+        p.qkv(f'{pre}.self_attn', i, fused_out=None)
+        p.same(f'{pre}.self_attn.o_proj.weight', f'{mpt}.attn.out_proj.weight')
+        p.same(f'{pre}.post_attention_layernorm.weight', f'{mpt}.norm_2.weight')
+        if arch.moe:
+            p.same(f'{pre}.block_sparse_moe.gate.weight', f'{mpt}.ffn.router.layer.weight')
+            p.mixtral_experts(f'{pre}.block_sparse_moe', i)
+        else:
+            for name in MIXTRAL_EXPERT_NAMES:
+                p.same(f'{pre}.mlp.{name}.weight', f'{mpt}.ffn.{name}.weight')
+    p.same('transformer.norm_f.weight' if dbrx else 'model.norm.weight', 'transformer.norm_f.weight')
+    if not arch.tied:
+        p.same('lm_head.weight', 'lm_head.weight')
+    return p.jobs
 
 
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], arch: MPTArch, target: str,
                        dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """MPT state dict (any prefix) -> the target's HF state dict."""
-    sd = _strip_prefix(state_dict)
-    check_state_dict(sd, arch)
-    blocks: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        m = _BLOCK.match(key)
-        if m:
-            blocks.setdefault(int(m[1]), {})[m[2]] = value
-    layer = _dbrx_layer if target == 'dbrx' else _llama_layer
-    if target == 'dbrx':
-        out = {'transformer.wte.weight': sd['transformer.wte.weight']}
-    else:
-        out = {'model.embed_tokens.weight': sd['transformer.wte.weight']}
-    for i in range(arch.n_layers):
-        out.update(layer(i, blocks[i], arch))
-    out['transformer.norm_f.weight' if target == 'dbrx' else 'model.norm.weight'] = sd['transformer.norm_f.weight']
-    if not arch.tied:
-        out['lm_head.weight'] = sd['lm_head.weight']
-    return {k: (v.detach().to(dtype) if dtype is not None else v.detach()).contiguous() for k, v in out.items()}
+    """MPT state dict (any prefix) -> the target's HF state dict, all in memory (for tests and small models)."""
+    out = {}
+    for job in plan_export(MemorySource(state_dict), arch, target, dtype):
+        out.update(zip((s.name for s in job.specs), job.produce()))
+    return out
 
 
 # ---------------------------------------------------------------- writing
@@ -481,24 +543,42 @@ def _save_tokenizer(tokenizer_dir: str, out: Path, config) -> None:
 def export_state_dict(state_dict: Mapping[str, torch.Tensor], model_cfg: Mapping[str, Any], out: str | os.PathLike,
                       target: str = 'auto', tokenizer: Optional[str] = None, overwrite: bool = False,
                       dtype: Optional[torch.dtype] = None, upcycle: Optional[Mapping[str, Any]] = None,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+                      allow_inexact_engines: bool = False) -> Path:
     """Writes an HF model directory (config.json, safetensors, generation config, tokenizer) atomically.
 
     model_cfg: the recipe's `model:` block (or MPTConfig.to_dict()); upcycle: the recipe's `upcycle:` block if
-    the checkpoint was trained from a dense recipe with one. dtype: cast weights (default: keep).
+    the checkpoint was trained from a dense recipe with one. dtype: cast weights (default: keep). The tensors
+    are read, converted and written one job at a time (see `export_source`).
+    """
+    return export_source(MemorySource(state_dict), model_cfg, out, target, tokenizer, overwrite, dtype, upcycle,
+                         max_shard_bytes, progress, allow_inexact_engines)
+
+
+def export_source(source, model_cfg: Mapping[str, Any], out: str | os.PathLike, target: str = 'auto',
+                  tokenizer: Optional[str] = None, overwrite: bool = False, dtype: Optional[torch.dtype] = None,
+                  upcycle: Optional[Mapping[str, Any]] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                  progress: bool = True, allow_inexact_engines: bool = False) -> Path:
+    """Streams an MPT tensor source (`sources.MemorySource` / `SafetensorsSource`) into an HF directory.
+
+    Memory: one job at a time (one MPT tensor and what it becomes; the largest is one layer's [E F, D] expert
+    tensor), whatever the depth. `engines.json` in the output says which serving engines compute the export
+    exactly (see `engine_support`).
     """
     from transformers import GenerationConfig
 
     target, arch = check_target(resolve_model_config(model_cfg, upcycle), target)
-    tensors = convert_state_dict(state_dict, arch, target, dtype)
-    config = hf_config(arch, target, next(iter(tensors.values())).dtype)
+    support = engine_support(arch, target, allow_inexact_engines)
+    jobs = plan_export(source, arch, target, dtype)
+    config = hf_config(arch, target, jobs[0].specs[0].dtype)
     with atomic_output_dir(out, tag='hf-export', overwrite=overwrite) as tmp:
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp, config)
-        write_sharded(tmp, in_memory_jobs(tensors), max_shard_bytes, desc=f'exporting {target}', progress=progress)
+        write_sharded(tmp, jobs, max_shard_bytes, desc=f'exporting {target}', progress=progress)
         config.save_pretrained(str(tmp))
         GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
-    log.info('exported %s (%d tensors) to %s', ARCHITECTURES[target], len(tensors), out)
+        (tmp / ENGINES_FILE).write_text(json.dumps(support, indent=1) + '\n')
+    log.info('exported %s (%d tensors) to %s', ARCHITECTURES[target], sum(len(j.specs) for j in jobs), out)
     return Path(out)
 
 
@@ -512,26 +592,16 @@ def load_recipe(path: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
 
 
 def export_checkpoint(checkpoint: str, config: str, out: str, target: str = 'auto', tokenizer: Optional[str] = None,
-                      overwrite: bool = False, dtype: Optional[torch.dtype] = None) -> Path:
-    """Composer checkpoint (or state dict / safetensors) + YAML recipe -> HF directory."""
-    from foundry_upcycle.checkpoint_io import load_state_dict
+                      overwrite: bool = False, dtype: Optional[torch.dtype] = None,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+                      allow_inexact_engines: bool = False) -> Path:
+    """Composer checkpoint (or state dict / safetensors) + YAML recipe -> HF directory, streamed: a torch file is
+    memory-mapped (its optimizer state is never read), a safetensors file read tensor by tensor."""
     model_cfg, upcycle = load_recipe(config)
-    check_target(resolve_model_config(model_cfg, upcycle), target)  # fail before reading a large checkpoint
-    state_dict = load_state_dict(checkpoint)
-    return export_state_dict(state_dict, model_cfg, out, target, tokenizer, overwrite, dtype, upcycle)
-
-
-_DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
-           'float16': torch.float16, 'fp16': torch.float16}
-
-
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    """'bf16' / 'bfloat16' / 'fp32' / ... -> torch dtype; None keeps the checkpoint's dtype."""
-    if name is None:
-        return None
-    if name not in _DTYPES:
-        raise ValueError(f'dtype must be one of {sorted(_DTYPES)}, got {name!r}')
-    return _DTYPES[name]
+    resolved, arch = check_target(resolve_model_config(model_cfg, upcycle), target)
+    engine_support(arch, resolved, allow_inexact_engines)  # fail before reading a large checkpoint
+    return export_source(open_checkpoint(checkpoint), model_cfg, out, target, tokenizer, overwrite, dtype, upcycle,
+                         max_shard_bytes, progress, allow_inexact_engines)
 
 
 def mpt_config_dict(config: Any) -> dict[str, Any]:

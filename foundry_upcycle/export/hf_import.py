@@ -1,8 +1,10 @@
 """Upcycle a dense Hugging Face Llama / Mistral checkpoint (safetensors) straight into a Mixtral checkpoint.
 
-The result trains with foundry's `hf_causal_lm` (config.json sets `output_router_logits: true` and the
-load-balancing weight `router_aux_loss_coef`) and, before any training, computes the dense model's function:
-every expert is a copy of the dense MLP and Mixtral renormalises the top-k router weights to sum to 1.
+The result serves (config.json has `output_router_logits: false`: with it on, transformers 4.51's Mixtral
+computes the aux loss on every decode step and `generate` fails under a KV cache) and trains with foundry's
+`hf_causal_lm` through yamls/hf/mixtral.yaml, whose `config_overrides: {output_router_logits: true}` turns the
+load-balancing loss (weight `router_aux_loss_coef`, stored here) on. Before any training it computes the dense
+model's function: every expert is a copy of the dense MLP and Mixtral renormalises the top-k weights to sum to 1.
 
 Streaming: the output plan (names, shapes, dtypes) comes from the safetensors headers; then each source tensor
 is read on its own (`safetensors.safe_open`), expanded and appended to the current output shard, so memory is
@@ -28,9 +30,10 @@ import torch
 
 from foundry_upcycle.config import UpcycleConfig
 from foundry_upcycle.atomic import atomic_output_dir
-from foundry_upcycle.export.writer import (INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Job, TensorSpec,
-                                           copy_tokenizer_files, write_sharded)
-from foundry_upcycle.upcycle import expert_copies, router_weight
+from foundry_upcycle.export.sources import SafetensorsSource
+from foundry_upcycle.export.targets import ENGINES_FILE, engines_record
+from foundry_upcycle.export.writer import INDEX_NAME, SINGLE_NAME, Job, TensorSpec, copy_tokenizer_files, write_sharded
+from foundry_upcycle.upcycle import MIXTRAL_EXPERT_NAMES, expert_copies, router_weight
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ SOURCE_TYPES = ('llama', 'mistral')
 _LAYER = re.compile(r'^model\.layers\.(\d+)\.(.+)$')
 _PASS_LAYER = ('input_layernorm.weight', 'self_attn.q_proj.weight', 'self_attn.k_proj.weight',
                'self_attn.v_proj.weight', 'self_attn.o_proj.weight', 'post_attention_layernorm.weight')
-_MLP_TO_EXPERT = {'mlp.gate_proj.weight': 'w1', 'mlp.up_proj.weight': 'w3', 'mlp.down_proj.weight': 'w2'}
+_MLP_TO_EXPERT = {f'mlp.{dense}.weight': w for dense, w in MIXTRAL_EXPERT_NAMES.items()}
 _IGNORED = re.compile(r'\.rotary_emb\.inv_freq$')  # written by old transformers versions; recomputed on load
 
 
@@ -52,16 +55,17 @@ class ImportResult:
 
 
 class _Source:
-    """A dense HF checkpoint directory: its config and where each tensor lives."""
+    """A dense HF checkpoint directory: its config and its safetensors tensors."""
 
     def __init__(self, src: str | os.PathLike):
         self.dir = Path(src).expanduser()
         if not (self.dir / 'config.json').is_file():
             raise ValueError(f'src: {src} has no config.json; expected a Hugging Face model directory')
-        self.files = self._weight_files()
-        self.specs = self._read_headers()
+        self.tensors = SafetensorsSource(self._weight_files(), 'src')
+        self.specs = self.tensors.specs
+        self.read = self.tensors.read
 
-    def _weight_files(self) -> dict[str, Path]:
+    def _weight_files(self) -> dict[str, Path] | Path:
         index = self.dir / INDEX_NAME
         if index.is_file():
             try:
@@ -71,32 +75,9 @@ class _Source:
             return {name: self.dir / file for name, file in weight_map.items()}
         single = self.dir / SINGLE_NAME
         if single.is_file():
-            return {}  # filled from the header
+            return single
         raise ValueError(f'src: {self.dir} has neither {SINGLE_NAME} nor {INDEX_NAME}; only safetensors checkpoints '
                          'are read (pickled .bin files are not)')
-
-    def _read_headers(self) -> dict[str, TensorSpec]:
-        from safetensors import safe_open
-        specs = {}
-        paths = sorted(set(self.files.values())) or [self.dir / SINGLE_NAME]
-        for path in paths:
-            if not path.is_file():
-                raise ValueError(f'src: {path} is listed in the index but missing')
-            with safe_open(str(path), framework='pt') as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    specs[name] = TensorSpec(name, tuple(sl.get_shape()), TORCH_DTYPES[sl.get_dtype()])
-                    self.files.setdefault(name, path)
-        missing = sorted(set(self.files) - set(specs))
-        if missing:
-            raise ValueError(f'src: index lists tensors not found in the shards: {missing[:5]}')
-        return specs
-
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor; the file is opened and closed per tensor so no mapping outlives it."""
-        from safetensors import safe_open
-        with safe_open(str(self.files[name]), framework='pt') as f:
-            return f.get_tensor(name)
 
     def config(self):
         from transformers import AutoConfig
@@ -110,17 +91,25 @@ def _check_source_config(cfg) -> None:
     for key in ('attention_bias', 'mlp_bias'):
         if getattr(cfg, key, False):
             raise ValueError(f'src: config.json {key}=true; Mixtral holds no biases')
-    if getattr(cfg, 'hidden_act', 'silu') != 'silu':
-        log.warning('src hidden_act is %r; transformers Mixtral uses it, but servers such as vLLM assume silu',
-                    cfg.hidden_act)
+
+
+def vllm_differences(dense) -> dict[str, str]:
+    """{config.json key: why} where vLLM's Mixtral would compute the import differently from transformers."""
+    out = {}
+    if getattr(dense, 'rope_scaling', None) is not None:
+        out['rope_scaling'] = f"{dense.rope_scaling}: vLLM's Mixtral ignores rope_scaling"
+    if getattr(dense, 'hidden_act', 'silu') != 'silu':
+        out['hidden_act'] = f"{dense.hidden_act!r}: vLLM's Mixtral always applies SiLU in its experts"
+    return out
 
 
 def mixtral_config(dense, up: UpcycleConfig, dtype: torch.dtype):
-    """MixtralConfig with the dense model's shapes, `up.num_experts` copies and the load-balancing loss on."""
+    """MixtralConfig with the dense model's shapes and `up.num_experts` copies, set up for serving (no router
+    logits); the load-balancing weight is stored for training, which turns the router logits on."""
     from transformers import MixtralConfig
     extra = {}
     if getattr(dense, 'rope_scaling', None) is not None:
-        extra['rope_scaling'] = dense.rope_scaling  # Mixtral's rotary embedding reads it like Llama's
+        extra['rope_scaling'] = dense.rope_scaling  # transformers' Mixtral reads it like Llama's
     return MixtralConfig(
         vocab_size=dense.vocab_size, hidden_size=dense.hidden_size, intermediate_size=dense.intermediate_size,
         num_hidden_layers=dense.num_hidden_layers, num_attention_heads=dense.num_attention_heads,
@@ -131,7 +120,7 @@ def mixtral_config(dense, up: UpcycleConfig, dtype: torch.dtype):
         sliding_window=getattr(dense, 'sliding_window', None),
         attention_dropout=getattr(dense, 'attention_dropout', 0.0), tie_word_embeddings=dense.tie_word_embeddings,
         bos_token_id=dense.bos_token_id, eos_token_id=dense.eos_token_id, pad_token_id=dense.pad_token_id,
-        num_local_experts=up.num_experts, num_experts_per_tok=up.top_k, output_router_logits=True,
+        num_local_experts=up.num_experts, num_experts_per_tok=up.top_k, output_router_logits=False,
         router_aux_loss_coef=up.load_balancing_loss_weight, router_jitter_noise=0.0, torch_dtype=dtype,
         architectures=['MixtralForCausalLM'], **extra,
     )
@@ -217,9 +206,13 @@ def import_hf_to_mixtral(src: str | os.PathLike, out: str | os.PathLike, num_exp
     specs = _check_tensors(source.specs, dense)
     jobs = _jobs(source, specs, dense, up)
     dtype = specs['model.embed_tokens.weight'].dtype
+    diffs = vllm_differences(dense)
+    for key, why in diffs.items():
+        log.warning('src %s: %s; the import is exact on transformers only (engines.json)', key, why)
     with atomic_output_dir(out, tag='hf-import', overwrite=overwrite) as tmp:
         paths = write_sharded(tmp, jobs, int(shard_size_mb * 2**20), desc='upcycling to mixtral', progress=progress)
         mixtral_config(dense, up, dtype).save_pretrained(str(tmp))
+        (tmp / ENGINES_FILE).write_text(json.dumps(engines_record('mixtral', diffs), indent=1) + '\n')
         copy_tokenizer_files(source.dir, tmp, extra=('generation_config.json',))
     log.info('wrote Mixtral (%d experts, top-%d) to %s', num_experts, top_k, out)
     return ImportResult(path=Path(out), tensors=sum(len(j.specs) for j in jobs),

@@ -183,9 +183,13 @@ def param_breakdown(model_cfg: Mapping[str, Any]) -> ParamBreakdown:
 
 
 def param_counts(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
-    """(total, active) parameters; they differ only for an MoE (active counts top_k experts per layer)."""
+    """(total, active) parameters; they differ only for an MoE (active counts top_k experts per layer).
+    Counted by the project's one counter, `foundry_upcycle.shapes.ParamCount`."""
+    from foundry_upcycle.shapes import ParamCount
     b = param_breakdown(model_cfg)
-    return b.total, b.active
+    count = ParamCount(b.embedding, b.lm_head, b.per_layer_shared, b.per_expert, b.num_experts, b.top_k, b.n_layers,
+                       b.final_norm)
+    return count.total, count.active
 
 
 def train_flops_per_token(model_cfg: Mapping[str, Any], seq_len: int) -> float:
