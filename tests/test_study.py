@@ -181,9 +181,9 @@ def test_cli_errors_exit_2_and_name_the_problem(tmp_path, capsys):
         assert err.startswith('error: ') and message in err, err
     assert not (tmp_path / 'out').exists()
     yaml = tmp_path / 'study.yaml'
-    yaml.write_text('budgets: [0.1, 0.2]\nseeds: 3\n')
+    yaml.write_text('budgets: [0.1, 0.2]\nseedz: 3\n')
     assert cli_main(['study', '--config', str(yaml), '--out', str(tmp_path / 'out')]) == 2
-    assert "unknown key(s) ['seeds']" in capsys.readouterr().err
+    assert "unknown key(s) ['seedz']" in capsys.readouterr().err
 
 
 def test_config_from_yaml_and_flags(tmp_path):
@@ -199,8 +199,34 @@ def test_config_from_yaml_and_flags(tmp_path):
     assert cfg.eval.tasks == ('copa',) and cfg.eval.max_examples_per_task == 7 and cfg.data.vocab_size == 512
     assert parse_budgets('0.8, 0.1,1') == (0.1, 0.8, 1.0)
     default = config_from_args(build_parser().parse_args(['study']))
-    assert default.budgets == (0.1, 0.2, 0.4, 0.8, 1.0) and default.out == 'runs/default'
+    assert default.budgets == (0.1, 0.2, 0.4) and default.out == 'runs/default'
+    assert (default.seeds, default.seeds_other, default.threads, default.timing) == (3, 2, 1, True)
     check_paths(default.replace(out=str(tmp_path / 'default')))  # the shipped recipes and data sources are valid
+    args = build_parser().parse_args(['study', '--lr-sweep', '5e-4,1e-3', '--router-weights', 'softmax', '--seeds',
+                                      '4', '--pretrain-tokens-per-param', '16,64', '--no-timing', '--upcycle-lr', '2e-3'])
+    cfg = config_from_args(args)
+    assert cfg.lr_sweep == (5e-4, 1e-3) and cfg.upcycle == {'router_weights': 'softmax'} and cfg.seeds == 4
+    assert cfg.regimes == (16.0, 64.0) and not cfg.timing and cfg.upcycle_lr == 2e-3
+    under = config_from_args(build_parser().parse_args(['study', '--preset', 'undertrained', '--seeds', '1']))
+    assert under.pretrain_steps == 600 and under.model['d_model'] == 128 and under.seeds == 1
+
+
+def test_default_plan_is_the_papers_regime():
+    """The default base is over-trained (>= 60 tokens per parameter), phase-2 lrs sit below the pretraining peak,
+    and the token ratio is the paper's 436M one; the under-trained preset is what it says."""
+    from foundry_upcycle.study.config import PRESETS
+    plan = P.Study(StudyConfig()).make_plan()
+    assert plan.pretrain_tokens / plan.params['cpt'][0] >= 60
+    assert all(lr < plan.pretrain_lr for lr in plan.lrs.values())
+    assert 0.74 < plan.token_ratio < 0.8
+    under = P.Study(StudyConfig.from_mapping(PRESETS['undertrained'])).make_plan()
+    assert under.pretrain_tokens / under.params['cpt'][0] < 1
+    with pytest.raises(ValueError, match='pretrain_steps or pretrain_tokens_per_param'):
+        StudyConfig.from_mapping({'pretrain_steps': 10, 'pretrain_tokens_per_param': [64]})
+    with pytest.raises(ValueError, match='router_weights'):
+        StudyConfig.from_mapping({'upcycle': {'router_weights': 'sigmoid'}})
+    sixty_four = P.Study(StudyConfig.from_mapping({'pretrain_tokens_per_param': [64]})).make_plan()
+    assert abs(sixty_four.pretrain_tokens / sixty_four.params['cpt'][0] - 64) < 1
 
 
 def test_multi_process_runs_go_through_composers_launcher(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ examples:
   foundry-upcycle study --lr-sweep 5e-4,1e-3,2e-3,2.8e-3     # pick each arm's lr by a sweep at the smallest budget
   foundry-upcycle study --pretrain-tokens-per-param 16,64    # two bases: upcycling's gain vs pretraining length
   foundry-upcycle study --router-weights softmax             # ablation: He et al.'s router for the upcycled arm
-  foundry-upcycle study --config yamls/tiny/study-undertrained.yaml   # the earlier, under-trained default
+  foundry-upcycle study --preset undertrained                # the earlier, under-trained default
   foundry-upcycle study --budgets 0.25,1 --skip-inference    # fewer budgets, no export / inference benchmark
   foundry-upcycle study --generic-dir my/prose --domain-dir my/domain    # your own text folders
   foundry-upcycle study --scale 436m --mds-dir my-mds --tokenizer my-tok \\
@@ -28,6 +28,8 @@ def register(subparsers) -> None:
                     'and report.md with plots. Flags override the --config file.',
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', metavar='YAML', help='study config file (see foundry_upcycle/study/config.py)')
+    p.add_argument('--preset', choices=('undertrained',), help='named settings under the config file and flags; '
+                   'undertrained: the earlier default (0.5 tokens per parameter, not the paper\'s regime)')
     p.add_argument('--out', help='output folder (default runs/default)')
     p.add_argument('--scale', choices=('tiny', '436m', '1.4b'),
                    help='tiny: the built-in CPU study; 436m / 1.4b: the paper\'s shapes on your MDS data (GPU)')
@@ -106,10 +108,12 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace):
     from foundry_upcycle.study.config import StudyConfig, merge
+    from foundry_upcycle.study.config import PRESETS
     overrides = overrides_from_args(args)
+    base = PRESETS[args.preset] if getattr(args, 'preset', None) else {}
     if args.config:
-        return StudyConfig.from_yaml(args.config, overrides)
-    return StudyConfig.from_mapping(merge({}, overrides))
+        return StudyConfig.from_yaml(args.config, overrides, base=base)
+    return StudyConfig.from_mapping(merge(base, overrides))
 
 
 def handler(args: argparse.Namespace) -> int:
