@@ -223,6 +223,7 @@ def build_results(study, dense, dense_eval, runs: Mapping, evals: Mapping, lrs: 
                'sweep': sweep},
         'train_ce_definition': f'mean training CE over the last {TAIL_FRACTION:.0%} of a run\'s steps '
                                f'(at least {MIN_TAIL_STEPS}; all steps of a shorter run)',
+        'data': _data_fingerprint(study),
         'missing_eval_tasks': missing,
         'not_selected_eval_tasks': not_selected,
         'dense': dense_entry,
@@ -233,6 +234,19 @@ def build_results(study, dense, dense_eval, runs: Mapping, evals: Mapping, lrs: 
         'wall_clock': {'stages_s': wall},
         'wall_clock_fields': list(WALL_CLOCK_FIELDS),
     }
+
+
+def _data_fingerprint(study) -> dict[str, Any]:
+    """What the data was (so that two runs that disagree show why): the data config hash (which includes the
+    Python version, whose standard library is the built-in domain corpus), the tokenizer's hash, the token counts."""
+    import hashlib
+    import platform
+    out: dict[str, Any] = {'python': platform.python_version(), 'config_hash': study.data_hash}
+    if study.data is not None:
+        out['tokenizer_sha256'] = hashlib.sha256(
+            (Path(study.data.tokenizer_dir) / 'tokenizer.json').read_bytes()).hexdigest()[:16]
+        out['tokens'] = dict(study.data.tokens)
+    return out
 
 
 def _task_coverage(cfg, dense_eval: Mapping[str, Any]) -> tuple[list[str], list[str]]:
