@@ -205,3 +205,21 @@ def test_results_without_wall_clock_drops_only_timing_fields():
     assert all('step_time_s' not in s for a in stripped['arms'] for s in a['per_seed'])
     assert stripped['arms'][0]['eval'] == r['arms'][0]['eval']
     json.dumps(stripped)
+
+
+def test_regimes_report_shows_the_gain_against_the_base_length(tmp_path):
+    from foundry_upcycle.study import regimes
+    short, long = synthetic_results(), synthetic_results()
+    short['regime'] = RS.regime({**short['dense'], 'pretrain_tokens': 16_000_000}, short['arms'], 512, 3e-3,
+                                {'cpt': 1e-3, 'upcycle': 1e-3})
+    summary = regimes.summarize({16.0: short, 64.0: long})
+    assert [b['tokens_per_param'] for b in summary['bases']] == [16.0, 64.0]
+    assert summary['bases'][1]['budgets']['1']['winner'] == 'upcycle'
+    regimes.plot(summary, tmp_path / regimes.FIGURE)
+    assert (tmp_path / regimes.FIGURE).read_bytes().startswith(PNG_MAGIC)
+    text = regimes.render(summary)
+    assert '| 16.0 | 3.500 | not the paper\'s regime |' in text and '-0.1000 ±' in text and '(upcycle)' in text
+    from foundry_upcycle.study.config import StudyConfig
+    cfg = StudyConfig.from_mapping({'out': str(tmp_path), 'pretrain_tokens_per_param': [16, 64]})
+    assert cfg.regimes == (16.0, 64.0)
+    assert regimes.sub_config(cfg, 16.0).out == str(tmp_path / 'tpp16') and not regimes.sub_config(cfg, 16.0).regimes

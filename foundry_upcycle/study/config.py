@@ -63,11 +63,6 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED_EVAL_DATA = Path(__file__).resolve().parent / 'eval_data'
 
 
-def repo_eval_data() -> Path:
-    """`../shared/foundry_eval/local_data` relative to this repository (the project's CI layout)."""
-    return REPO.parent / 'shared' / 'foundry_eval' / 'local_data'
-
-
 def shipped_eval_data() -> Path:
     """The samples of the default gauntlet tasks shipped in the package (eval_data/SOURCES.md)."""
     return SHIPPED_EVAL_DATA
