@@ -23,17 +23,18 @@ log = logging.getLogger(__name__)
 class UpcycleLoader(Callback):
 
     def __init__(self, source: str, num_experts: int, router_init_std: float = 0.02, seed: int = 0,
-                 expert_noise_std: float = 0.0):
+                 expert_noise_std: float = 0.0, expert_output_scale: float = 1.0):
         self.source = source
         self.num_experts = num_experts
         self.router_init_std = router_init_std
         self.seed = seed
         self.expert_noise_std = expert_noise_std
+        self.expert_output_scale = expert_output_scale
         self.fresh_after_load: bool | None = None  # set at AFTER_LOAD: True = fresh copies, False = resumed/trained
 
     def before_load(self, state: State, logger: Logger) -> None:
         moe = upcycle_state_dict(self._dense_state_dict(state), self.num_experts, self.router_init_std, self.seed,
-                                 self.expert_noise_std)
+                                 self.expert_noise_std, self.expert_output_scale)
         if not state.fsdp_enabled:  # under FSDP, torch's strict load reports mismatches instead
             expected = {k: v.shape for k, v in state.model.state_dict().items()}
             check_shapes(moe, expected, f'upcycle.from={self.source}')

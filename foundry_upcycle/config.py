@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 BACKENDS = ('auto', 'torch', 'megablocks')
+# renormalized: top-k weights renormalised to sum 1 (Mixtral; exact function preservation).
+# softmax: softmax-then-top-k without renormalisation (He et al. 2024), experts' output scaled by E/K.
+ROUTER_WEIGHTS = ('renormalized', 'softmax')
 DENSE_FFN_TYPES = {'mptglu': 'glu', 'mptmlp': 'mlp'}
 MOE_FFN_TYPES = ('torch_dmoe', 'mb_dmoe', 'mb_moe')
 # MPT's own default activation (exact GELU). megablocks defaults to tanh-GELU, so we always set it.
@@ -39,6 +42,7 @@ class UpcycleConfig:
     backend: str = 'auto'
     moe_world_size: int = 1
     lr: Optional[float] = None  # optimizer.lr of the upcycled run (the paper used 2x CPT's at 436M); None: the recipe's
+    router_weights: str = 'renormalized'
 
     def __post_init__(self):
         def bad(key: str, why: str):
@@ -60,6 +64,8 @@ class UpcycleConfig:
                 bad(key, f'must be a number >= 0, got {value!r}')
         if self.lr is not None and (not _is_number(self.lr) or not self.lr > 0):
             bad('lr', f'must be a number > 0, got {self.lr!r}')
+        if self.router_weights not in ROUTER_WEIGHTS:
+            bad('router_weights', f'must be one of {ROUTER_WEIGHTS}, got {self.router_weights!r}')
         if self.backend not in BACKENDS:
             bad('backend', f'must be one of {BACKENDS}, got {self.backend!r}')
         if not _is_int(self.moe_world_size) or self.moe_world_size < 1:
@@ -93,8 +99,19 @@ class UpcycleConfig:
 
     @property
     def exact(self) -> bool:
-        """Whether the freshly upcycled model reproduces the dense model's function."""
-        return self.expert_noise_std == 0
+        """Whether the freshly upcycled model reproduces the dense model's function (to rounding)."""
+        return self.expert_noise_std == 0 and self.router_weights == 'renormalized'
+
+    @property
+    def expert_output_scale(self) -> float:
+        """Factor folded into every expert's w2 at upcycle time: E/K for `router_weights: softmax`, else 1.
+
+        With softmax weights p (no renormalisation), a fresh layer computes dense(x) * (E/K) * sum_topk p, and
+        K/E <= sum_topk p <= 1, so its output lies between dense(x) and (E/K) dense(x); it equals dense(x)
+        when the router is uniform (p = 1/E). With router logits spread Delta = max_e z_e - min_e z_e per token,
+        sum_topk p <= K e^Delta / (K e^Delta + E - K), so the relative error is at most
+        (E - K)(e^Delta - 1) / (K e^Delta + E - K) (about (1 - K/E) Delta for small Delta)."""
+        return self.num_experts / self.top_k if self.router_weights == 'softmax' else 1.0
 
 
 def dense_ffn_shape(model_cfg: Mapping[str, Any]) -> tuple[str, int]:
@@ -136,7 +153,8 @@ _BLOCK_OWNED = {
     'moe_world_size': lambda c: c.moe_world_size,
     'moe_loss_weight': lambda c: c.load_balancing_loss_weight,
 }
-_EXACTNESS = {'moe_normalize_expert_weights': 1, 'moe_jitter_eps': None, 'uniform_expert_assignment': False}
+_EXACTNESS = {'moe_jitter_eps': None, 'uniform_expert_assignment': False}
+_NORMALIZE = {'renormalized': 1, 'softmax': None}  # -> moe_normalize_expert_weights (None: no renormalisation)
 
 
 def moe_ffn_config(model_cfg: Mapping[str, Any], cfg: UpcycleConfig, backend: str) -> dict[str, Any]:
@@ -151,7 +169,8 @@ def moe_ffn_config(model_cfg: Mapping[str, Any], cfg: UpcycleConfig, backend: st
                 f'model.ffn_config.{key}={dense[key]!r} contradicts the upcycle block ({want(cfg)!r}); '
                 'remove it from ffn_config',
             )
-    for key, want in _EXACTNESS.items():
+    exactness = {**_EXACTNESS, 'moe_normalize_expert_weights': _NORMALIZE[cfg.router_weights]}
+    for key, want in exactness.items():
         if key in dense and dense[key] != want:
             raise ValueError(
                 f'model.ffn_config.{key}={dense[key]!r} breaks function preservation (upcycling needs {want!r})',
@@ -163,7 +182,7 @@ def moe_ffn_config(model_cfg: Mapping[str, Any], cfg: UpcycleConfig, backend: st
         'mlp_type': mlp_type,
         'moe_num_experts': cfg.num_experts,
         'moe_top_k': cfg.top_k,
-        **_EXACTNESS,
+        **exactness,
     }
     if backend == 'megablocks':
         out.pop('uniform_expert_assignment')

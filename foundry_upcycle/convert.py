@@ -23,7 +23,7 @@ def convert(source: str, out: str, ucfg: UpcycleConfig, model_cfg: Optional[Mapp
     if dest.exists() and not overwrite:
         raise ValueError(f'--out {out} already exists; pass --overwrite to replace it')
     moe = upcycle_state_dict(load_state_dict(source, 'dense checkpoint'), ucfg.num_experts, ucfg.router_init_std,
-                             ucfg.seed, ucfg.expert_noise_std)
+                             ucfg.seed, ucfg.expert_noise_std, ucfg.expert_output_scale)
     if model_cfg is not None:
         check_against_model_config(moe, model_cfg, ucfg, source)
     meta = {'foundry_upcycle': {'source': str(source), **ucfg.to_mapping()}}

@@ -59,10 +59,16 @@ def expand(cfg: dict[str, Any], ucfg: UpcycleConfig) -> dict[str, Any]:
         'seed': ucfg.seed,
         'expert_noise_std': ucfg.expert_noise_std,
     }
+    if ucfg.expert_output_scale != 1.0:
+        callbacks[LOADER_NAME]['expert_output_scale'] = ucfg.expert_output_scale
     cfg['callbacks'] = callbacks
-    if not ucfg.exact:
+    if ucfg.expert_noise_std:
         log.warning('upcycle.expert_noise_std=%s: the upcycled model will not reproduce the dense one at step 0',
                     ucfg.expert_noise_std)
+    if ucfg.router_weights == 'softmax':
+        log.warning('upcycle.router_weights=softmax: no top-k renormalisation, expert outputs scaled by E/K=%g; the '
+                    'upcycled model is close to, not equal to, the dense one at step 0 (Mixtral export cannot hold it)',
+                    ucfg.expert_output_scale)
     log.info('upcycle: %d experts, top-%d, %s backend, dense weights from %s', ucfg.num_experts, ucfg.top_k,
              model['ffn_config']['ffn_type'], source)
     return cfg

@@ -80,19 +80,22 @@ def router_weight(num_experts: int, d_model: int, std: float, generator: torch.G
 
 
 def moe_ffn_tensors(ffn: DenseFFN, num_experts: int, router_init_std: float, generator: torch.Generator,
-                    expert_noise_std: float = 0.0) -> dict[str, torch.Tensor]:
-    """One block's MoE tensors (keys relative to `ffn.`) from its dense FFN."""
+                    expert_noise_std: float = 0.0, expert_output_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """One block's MoE tensors (keys relative to `ffn.`) from its dense FFN. expert_output_scale multiplies w2
+    (E/K for softmax router weights without renormalisation; see UpcycleConfig.expert_output_scale)."""
     first, second = (ffn.gate, ffn.up) if ffn.glu else (ffn.up, None)
     out = {'router.layer.weight': router_weight(num_experts, ffn.up.shape[1], router_init_std, generator, ffn.up.dtype)}
     out['experts.mlp.w1'] = expert_copies(first, num_experts, expert_noise_std, generator)
     if second is not None:
         out['experts.mlp.v1'] = expert_copies(second, num_experts, expert_noise_std, generator)
-    out['experts.mlp.w2'] = expert_copies(ffn.down.t(), num_experts, expert_noise_std, generator)
+    w2 = expert_copies(ffn.down.t(), num_experts, expert_noise_std, generator)
+    out['experts.mlp.w2'] = w2 if expert_output_scale == 1.0 else (w2.float() * expert_output_scale).to(w2.dtype)
     return out
 
 
 def upcycle_state_dict(state_dict: Mapping[str, torch.Tensor], num_experts: int, router_init_std: float = 0.02,
-                       seed: int = 0, expert_noise_std: float = 0.0) -> dict[str, torch.Tensor]:
+                       seed: int = 0, expert_noise_std: float = 0.0,
+                       expert_output_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """A dense MPT state dict (any key prefix, e.g. Composer's `model.`) -> its upcycled MoE state dict.
 
     Non-FFN tensors pass through unchanged (same objects). Deterministic in `seed`, so every rank of a
@@ -105,7 +108,7 @@ def upcycle_state_dict(state_dict: Mapping[str, torch.Tensor], num_experts: int,
     out = {k: v for k, v in state_dict.items() if not _FFN_KEY.match(k)}
     for layer in sorted(blocks):
         tensors = moe_ffn_tensors(dense_ffn(layer, blocks[layer]), num_experts, router_init_std, generator,
-                                  expert_noise_std)
+                                  expert_noise_std, expert_output_scale)
         out.update({f'{prefix}{layer}.ffn.{k}': v for k, v in tensors.items()})
     return out
 

@@ -37,7 +37,7 @@ def upcycled(dense_cfg, ucfg: UpcycleConfig):
     moe_cfg = {**dense_cfg, 'ffn_config': moe_ffn_config(dense_cfg, ucfg, 'torch')}
     moe = build(moe_cfg)
     sd = upcycle_state_dict(dense.state_dict(), ucfg.num_experts, ucfg.router_init_std, ucfg.seed,
-                            ucfg.expert_noise_std)
+                            ucfg.expert_noise_std, ucfg.expert_output_scale)
     check_shapes(sd, {k: v.shape for k, v in moe.state_dict().items()}, 'test')
     moe.load_state_dict(sd, strict=True)
     return dense, moe
