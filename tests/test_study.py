@@ -225,6 +225,10 @@ def test_default_plan_is_the_papers_regime():
         StudyConfig.from_mapping({'pretrain_steps': 10, 'pretrain_tokens_per_param': [64]})
     with pytest.raises(ValueError, match='router_weights'):
         StudyConfig.from_mapping({'upcycle': {'router_weights': 'sigmoid'}})
+    softmax = P.Study(StudyConfig.from_mapping({'upcycle': {'router_weights': 'softmax'}})).make_plan()
+    assert softmax.upcycle_block['router_weights'] == 'softmax'                    # the ablation reaches the block
+    assert softmax.moe_model['ffn_config']['moe_normalize_expert_weights'] is None  # top-k weights not renormalised
+    assert plan.moe_model['ffn_config']['moe_normalize_expert_weights'] == 1
     sixty_four = P.Study(StudyConfig.from_mapping({'pretrain_tokens_per_param': [64]})).make_plan()
     assert abs(sixty_four.pretrain_tokens / sixty_four.params['cpt'][0] - 64) < 1
 
