@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,7 +409,9 @@ class Study:
         return 2 + 2 * runs + 1 + sweep + int(cfg.timing) + 1 + (0 if cfg.inference.skip else 2) + 1
 
     def _run(self) -> dict[str, Any]:
+        from foundry_upcycle.study.timing import load_average
         cfg = self.cfg
+        self.load_start = load_average()
         self.progress.total = self._count_stages()
         self.plan = self.make_plan()  # fails on bad recipes / overrides before the data is built
         self.stage_data()
@@ -443,6 +446,8 @@ class Study:
             top = max(cfg.budgets)
             inference = self.stage_inference(runs[('cpt', top, 0)], runs[('upcycle', top, 0)])
             results['wall_clock']['stages_s']['inference'] = inference.seconds
+        results['wall_clock'].update(elapsed_s=round(self.progress.elapsed(), 1), load_average_start=self.load_start,
+                                     load_average_end=load_average(), cpu_count=os.cpu_count())
         results_path = self.out / 'results.json'
         self.progress.stage(f'results: {results_path}')
         write_json(results_path, results)
@@ -478,8 +483,10 @@ class Study:
         for b in results['budgets']:
             _, text = ce_winner(results, b)
             self.progress.say(f'  held-out domain CE at budget {b:g}: {text.replace("**", "")}')
+        from foundry_upcycle.study.timing import load_average
         self.progress.say(f'ran {len(self.stages.ran)} stage(s), skipped {len(self.stages.skipped)}; '
-                          f'total {self.progress.elapsed():.0f}s; report: {report}')
+                          f'total {self.progress.elapsed():.0f}s on {os.cpu_count()} CPUs, load average (1/5/15 min) '
+                          f'{self.load_start} at the start, {load_average()} at the end; report: {report}')
 
 
 def run_study(cfg: StudyConfig) -> dict[str, Any]:

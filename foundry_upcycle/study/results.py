@@ -316,6 +316,12 @@ def study_notes(results: Mapping[str, Any], study) -> str:
                      'The core average here is over the categories with at least one evaluated task.')
     else:
         lines.append('No ICL tasks were evaluated (no eval data); there is no core average.')
-    wall = results['wall_clock']['stages_s']
+    clock = results['wall_clock']
+    wall = clock['stages_s']
     lines.append('Stage times (s, this machine): ' + ', '.join(f'{k} {v:.0f}' for k, v in wall.items()) + '.')
+    if clock.get('elapsed_s') is not None:
+        lines.append(f'Whole study until results.json: {clock["elapsed_s"]:.0f} s on {clock.get("cpu_count")} CPUs; '
+                     f'load average (1/5/15 min) {clock.get("load_average_start")} at the start and '
+                     f'{clock.get("load_average_end")} at the end (more than the CPU count: a loaded machine, '
+                     'times are pessimistic).')
     return '\n\n'.join(lines) + '\n'
