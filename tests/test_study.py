@@ -17,6 +17,7 @@ from conftest import SEQ
 from foundry_upcycle.cli import main as cli_main
 from foundry_upcycle.study import pipeline as P
 from foundry_upcycle.study import training as T
+from foundry_upcycle.study.recipes import shipped_models
 from foundry_upcycle.study.results import without_wall_clock
 from foundry_upcycle.study.config import StudyConfig, check_paths, parse_budgets
 from foundry_upcycle.study.report import FIGURES, check_results
@@ -117,7 +118,7 @@ def test_reduced_study_end_to_end(text_dirs, tmp_path, monkeypatch):
     # --- a rerun skips every stage
     rerun = P.Study(small_config(text_dirs, out))
     assert without_wall_clock(rerun.run()) == without_wall_clock(results)
-    assert rerun.stages.ran == [] and len(rerun.stages.skipped) == 15
+    assert rerun.stages.ran == [] and len(rerun.stages.skipped) == 16     # incl. timing and inference
 
     # --- a changed budget: interrupted mid-way, then resumed; only that budget's runs and evals are redone
     changed = small_config(text_dirs, out, budgets=[0.25, 1.0])
@@ -271,7 +272,7 @@ def _meta_params(model_cfg: dict) -> int:
 def test_paper_shapes_build_at_full_size(scale):
     from foundry_upcycle.study.flops import param_counts, token_ratio
     from foundry_upcycle.transforms import MODEL_NAME
-    dense, moe = P.shipped_models(scale)
+    dense, moe = shipped_models(scale)
     moe = {**moe, 'name': MODEL_NAME}
     paper_dense, paper_moe, paper_ratio = PAPER[scale]
     n_dense, n_moe = _meta_params(dense), _meta_params(moe)
@@ -284,7 +285,7 @@ def _cpu_dense_checkpoint(scale: str, vocab: int, path: Path) -> Path:
     """A dense 1-layer model of the scale's full width, saved as a weights-only Composer checkpoint."""
     from llmfoundry.models.mpt import ComposerMPTCausalLM
     from foundry_upcycle.checkpoint_io import save_composer_weights
-    dense, _ = P.shipped_models(scale)
+    dense, _ = shipped_models(scale)
     cfg = {k: v for k, v in dense.items() if k != 'name'}
     cfg.update(n_layers=1, vocab_size=vocab, max_seq_len=SEQ, init_device='cpu', loss_fn='torch_crossentropy')
     cfg['attn_config'] = {**cfg['attn_config'], 'attn_impl': 'torch'}
