@@ -1,6 +1,6 @@
 """Per-arm evaluation: held-out CE against an independent computation (dense and torch_dmoe, Composer-written
 checkpoints), the v0.3 gauntlet math against foundry's own EvalGauntlet, task selection / missing data, and a
-real ICL run over two tasks of the shared local_data."""
+real ICL run over two tasks of the eval samples shipped in the package; the shipped samples themselves."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,15 @@ import torch
 
 from conftest import SEQ
 from foundry_upcycle.study import gauntlet as G
+from foundry_upcycle.study.config import EvalConfig, shipped_eval_data
 from foundry_upcycle.study.evaluate import EvalSession, eval_model_config, evaluate_checkpoint
 from foundry_upcycle.study.gauntlet import GauntletSpec, gauntlet_scores, missing_tasks, prepare_gauntlet
 
-LOCAL_DATA = G.default_local_data()
+LOCAL_DATA = G.default_local_data()     # llm-foundry's full local_data (../shared), where this checkout has it
+SHIPPED = shipped_eval_data()
+needs_full_local_data = pytest.mark.skipif(
+    not LOCAL_DATA.is_dir(), reason=f'llm-foundry\'s full eval local_data is not at {LOCAL_DATA} (a clone without '
+    '../shared); the shipped samples are tested instead')
 VAL_SAMPLES = 10  # with batch 4: a partial last batch
 ATTN = {'attn_type': 'grouped_query_attention', 'attn_impl': 'torch', 'kv_n_heads': 2, 'rope': True,
         'rope_impl': 'hf'}
@@ -117,10 +122,10 @@ def test_checkpoint_that_does_not_match_the_config_is_refused(corpus, val_splits
                             icl=None, seq_len=SEQ, batch_size=4, work_dir=tmp_path, progress=False)
 
 
-def test_icl_end_to_end_on_shared_data(corpus, val_splits, checkpoints, tmp_path):
-    """foundry's ICL builders + EvalGauntlet on 20-example subsets of copa and winograd, dense and MoE in one
-    session; results are accuracies, the core averages follow from them, and a second run repeats the first."""
-    spec = GauntletSpec(local_data=str(LOCAL_DATA), tasks=('copa', 'winograd'), max_examples_per_task=20)
+def test_icl_end_to_end_on_shipped_data(corpus, val_splits, checkpoints, tmp_path):
+    """foundry's ICL builders + EvalGauntlet on 20-example subsets of the shipped copa and winograd, dense and MoE in
+    one session; results are accuracies, the core averages follow from them, and a second run repeats the first."""
+    spec = GauntletSpec(local_data=str(SHIPPED), tasks=('copa', 'winograd'), max_examples_per_task=20)
     session = EvalSession(corpus['tokenizer'], {'domain': val_splits['domain'][0]}, spec, SEQ, 8, tmp_path,
                           progress=False)
     results = {kind: session.evaluate(*checkpoints[kind]) for kind in ('dense', 'moe')}
@@ -139,6 +144,7 @@ def test_icl_end_to_end_on_shared_data(corpus, val_splits, checkpoints, tmp_path
         assert res['categories_without_tasks'] == ['world_knowledge', 'symbolic_problem_solving',
                                                    'reading_comprehension']
         assert 'hellaswag' in res['missing_tasks'] and 'piqa' in res['not_selected_tasks']
+        assert 'siqa' in res['missing_tasks']              # not shipped
         assert np.isfinite(res['ce_domain'])
     assert sorted(p.name for p in (tmp_path / 'icl_data' / 'commonsense_reasoning').iterdir()) == ['copa.jsonl']
 
@@ -212,8 +218,31 @@ def test_the_v03_tables_agree():
     assert {G.BENCHMARKS[t][0] for t in G.DEFAULT_TASKS} == set(G.CATEGORIES)
 
 
+@needs_full_local_data
 def test_missing_tasks_in_the_shared_local_data():
     assert missing_tasks(LOCAL_DATA) == ['mmlu', 'hellaswag', 'bigbench_elementary_math_qa', 'squad', 'coqa']
+
+
+def test_shipped_samples_cover_the_default_tasks_with_sources():
+    """Every default task is shipped (a few hundred examples, valid JSON lines) and listed with its licence."""
+    sources = (SHIPPED / 'SOURCES.md').read_text()
+    assert set(G.DEFAULT_TASKS) <= set(G.BENCHMARKS) - set(missing_tasks(SHIPPED))
+    for task in G.DEFAULT_TASKS:
+        rel = G.TASKS_V03[task][0]
+        rows = [json.loads(x) for x in (SHIPPED / rel).read_text(encoding='utf-8').splitlines()]
+        assert 100 <= len(rows) <= 300, task
+        line = next(x for x in sources.splitlines() if x.startswith(f'| {rel} |'))
+        assert len(line.split('|')) == 6 and line.split('|')[4].strip(), line        # source and licence
+    assert EvalConfig().resolved_local_data() == str(SHIPPED)                        # the default, anywhere
+    assert EvalConfig().local_data_id().startswith('shipped:') and str(SHIPPED) not in EvalConfig().local_data_id()
+
+
+@needs_full_local_data
+def test_shipped_samples_are_lines_of_foundrys_files():
+    for task in G.DEFAULT_TASKS:
+        rel = G.TASKS_V03[task][0]
+        full = set((LOCAL_DATA / rel).read_text(encoding='utf-8').splitlines())
+        assert set((SHIPPED / rel).read_text(encoding='utf-8').splitlines()) <= full, task
 
 
 def _fake_local_data(root: Path) -> Path:

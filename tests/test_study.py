@@ -16,6 +16,9 @@ import torch
 from conftest import SEQ
 from foundry_upcycle.cli import main as cli_main
 from foundry_upcycle.study import pipeline as P
+from foundry_upcycle.study import training as T
+from foundry_upcycle.study.recipes import shipped_models
+from foundry_upcycle.study.results import without_wall_clock
 from foundry_upcycle.study.config import StudyConfig, check_paths, parse_budgets
 from foundry_upcycle.study.report import FIGURES, check_results
 
@@ -48,43 +51,37 @@ def small_config(text_dirs, out: Path, **changes) -> StudyConfig:
                  'domain_val_chars': 6_000},
         'eval': {'tasks': ['copa', 'lambada_openai'], 'max_examples_per_task': 6, 'batch_size': 8},
         'inference': {'num_requests': 2, 'batch_sizes': [2], 'input_tokens': 8, 'output_tokens': 4},
-        'progress': False,
+        'progress': False, 'seeds': 2, 'seeds_other': 1, 'lr': 1e-3, 'upcycle_lr': 2e-3,
     }
     block.update(changes)
     return StudyConfig.from_mapping(block)
 
 
-def without_wall_clock(results: dict) -> dict:
-    """results.json minus its measured-time fields (P.WALL_CLOCK_FIELDS): throughput and step times depend on the
-    machine's load, not on the config and seed."""
-    out = copy.deepcopy(results)
-    for field in P.WALL_CLOCK_FIELDS:
-        if field.startswith('arms[].'):
-            for arm in out['arms']:
-                arm.pop(field[len('arms[].'):])
-        else:
-            out.pop(field, None)
-    return out
-
-
 @pytest.mark.slow
 def test_reduced_study_end_to_end(text_dirs, tmp_path, monkeypatch):
-    # --- a full run: results.json (schema 1), report.md, the four plots, the cost section
+    # --- a full run: results.json (schema 2), report.md, the plots, the cost section
     study = P.Study(small_config(text_dirs, tmp_path / 'a'))
     results = study.run()
     out = tmp_path / 'a'
     on_disk = json.loads((out / 'results.json').read_text())
     check_results(on_disk)
     assert on_disk == json.loads(json.dumps(results))
-    assert on_disk['budgets'] == [0.5, 1.0] and len(on_disk['arms']) == 4
+    assert on_disk['schema'] == 2 and on_disk['budgets'] == [0.5, 1.0] and len(on_disk['arms']) == 4
     ratio = on_disk['token_ratio']
     assert 0.3 < ratio < 1
     for arm in on_disk['arms']:
-        assert arm['steps'] >= 1 and arm['tokens'] == arm['steps'] * 4 * SEQ
-        assert math.isfinite(arm['eval']['ce_domain']) and math.isfinite(arm['train_ce_last50'])
-        assert arm['train_ce_window'] == min(50, arm['steps']) == len(arm['loss_curve'])
+        n = 2 if arm['budget'] == 1.0 else 1
+        assert arm['n_seeds'] == n == len(arm['per_seed']) and arm['seeds'] == [17 + i for i in range(n)]
+        assert arm['steps'] >= 1 and arm['tokens'] == arm['train_tokens'] == arm['steps'] * 4 * SEQ
+        assert arm['lr'] == (1e-3 if arm['arm'] == 'cpt' else 2e-3)
+        assert math.isfinite(arm['eval']['ce_domain']) and math.isfinite(arm['train_ce_final'])
+        assert arm['train_ce_window'] == T.tail_window(arm['steps']) and len(arm['loss_curve']) == arm['steps']
         assert set(arm['eval']['tasks']) == {'copa', 'lambada_openai'}
-        assert arm['tokens_per_s'] > 0 and arm['step_time_s'] > 0
+        assert arm['tokens_per_s'] > 0 and arm['step_time_s'] > 0 and arm['train_seconds'] > 0
+        ces = [s['eval']['ce_domain'] for s in arm['per_seed']]
+        assert arm['eval']['ce_domain'] == pytest.approx(sum(ces) / n)
+        if n > 1:   # seeds differ (data order, router init), and the spread is recorded
+            assert len(set(ces)) == n and arm['eval_std']['ce_domain'] > 0 and arm['eval_sem']['ce_domain'] > 0
     by = {(a['arm'], a['budget']): a for a in on_disk['arms']}
     for b in (0.5, 1.0):  # matched FLOPs: the upcycled arm sees fewer tokens, each costing more
         cpt, up = by[('cpt', b)], by[('upcycle', b)]
@@ -92,40 +89,53 @@ def test_reduced_study_end_to_end(text_dirs, tmp_path, monkeypatch):
         assert up['total_params'] > up['active_params'] > cpt['active_params'] == cpt['total_params']
         assert abs(up['train_flops'] / cpt['train_flops'] - 1) < 0.35  # equal up to rounding to whole steps
     assert by[('cpt', 1.0)]['tokens'] == on_disk['dense']['pretrain_tokens'] == 12 * 4 * SEQ
-    assert 'lbl_last50' in by[('upcycle', 1.0)] and 'lbl_last50' not in by[('cpt', 1.0)]
+    up = by[('upcycle', 1.0)]
+    assert 'lbl_final' in up and 'lbl_final' not in by[('cpt', 1.0)]
+    # the upcycle_router_monitor callback ran in every upcycled run: per-layer expert load sums to 1
+    for i in range(2):
+        loads = [up['router'][f'layer{i}/load/expert{e}'][-1][1] for e in range(4)]
+        assert sum(loads) == pytest.approx(1.0, abs=1e-4)
+    assert up['per_seed'][0]['router_seed'] != up['per_seed'][1]['router_seed']
+    assert set(on_disk['comparisons']['1']) == {'ce_domain', 'core_average'}
+    assert on_disk['comparisons']['1']['ce_domain']['se_source']['cpt'] == '2 seeds'
+    assert on_disk['regime']['base_tokens_per_param'] < 1 and not on_disk['regime']['tests_paper_claim']
+    t = on_disk['timing']
+    assert t['step_time_s']['cpt'] > 0 and t['ratio'] > 0 and isinstance(t['loaded'], bool)
     report = (out / 'report.md').read_text()
-    for name in FIGURES.values():
+    for name in list(FIGURES.values()) + ['router.png']:
         assert (out / name).read_bytes().startswith(PNG_MAGIC), name
-    assert (out / 'cost' / 'cost_breakeven.png').read_bytes().startswith(PNG_MAGIC)
     assert (out / 'inference' / 'inference.json').is_file()
-    assert '## Inference cost' in report and '## How this study ran' in report
+    assert '## Inference cost' in report and '## How this study ran' in report and '## Regime' in report
     assert f'{ratio:.3f}' in report and 'hellaswag' in report  # the token ratio; missing tasks are named
-    assert set(study.stages.ran) >= {'dense', 'arms/cpt-b0.5', 'arms/upcycle-b1', 'eval/dense', 'inference'}
+    assert set(study.stages.ran) >= {'dense', 'arms/cpt-b0.5-lr0.001-s0', 'arms/upcycle-b1-lr0.002-s1',
+                                     'eval/dense', 'timing', 'inference'}
 
-    # --- the same config and seed elsewhere: the same numbers, except the measured wall-clock fields
+    # --- the same config and seed in another directory, cold: the same results.json except wall-clock fields
     again = P.Study(small_config(text_dirs, tmp_path / 'b')).run()
     assert without_wall_clock(again) == without_wall_clock(results)
+    assert without_wall_clock(json.loads((tmp_path / 'b' / 'results.json').read_text())) == without_wall_clock(on_disk)
 
     # --- a rerun skips every stage
     rerun = P.Study(small_config(text_dirs, out))
     assert without_wall_clock(rerun.run()) == without_wall_clock(results)
-    assert rerun.stages.ran == [] and len(rerun.stages.skipped) == 11
+    assert rerun.stages.ran == [] and len(rerun.stages.skipped) == 16     # incl. timing and inference
 
     # --- a changed budget: interrupted mid-way, then resumed; only that budget's runs and evals are redone
     changed = small_config(text_dirs, out, budgets=[0.25, 1.0])
-    real_train = P.train_run
+    real_train = T.train_run
 
     def interrupted(run_cfg, work, nproc, progress):
         raise KeyboardInterrupt('killed')
-    monkeypatch.setattr(P, 'train_run', interrupted)
+    monkeypatch.setattr(T, 'train_run', interrupted)
     with pytest.raises(KeyboardInterrupt):
         P.Study(changed).run()
-    assert not (out / 'arms' / 'cpt-b0.25').exists() and list((out / 'arms').glob('.cpt-b0.25.partial-*'))
-    monkeypatch.setattr(P, 'train_run', real_train)
+    name = 'cpt-b0.25-lr0.001-s0'
+    assert not (out / 'arms' / name).exists() and list((out / 'arms').glob(f'.{name}.partial-*'))
+    monkeypatch.setattr(T, 'train_run', real_train)
     resumed = P.Study(changed)
     results2 = resumed.run()
-    assert sorted(resumed.stages.ran) == ['arms/cpt-b0.25', 'arms/upcycle-b0.25', 'eval/cpt-b0.25',
-                                          'eval/upcycle-b0.25']
+    assert sorted(resumed.stages.ran) == [f'arms/{name}', 'arms/upcycle-b0.25-lr0.002-s0', f'eval/{name}',
+                                          'eval/upcycle-b0.25-lr0.002-s0']
     assert not list((out / 'arms').glob('.*partial*'))
     keep = [a for a in results2['arms'] if a['budget'] == 1.0]
     assert without_wall_clock({'arms': keep}) == without_wall_clock(
@@ -172,9 +182,9 @@ def test_cli_errors_exit_2_and_name_the_problem(tmp_path, capsys):
         assert err.startswith('error: ') and message in err, err
     assert not (tmp_path / 'out').exists()
     yaml = tmp_path / 'study.yaml'
-    yaml.write_text('budgets: [0.1, 0.2]\nseeds: 3\n')
+    yaml.write_text('budgets: [0.1, 0.2]\nseedz: 3\n')
     assert cli_main(['study', '--config', str(yaml), '--out', str(tmp_path / 'out')]) == 2
-    assert "unknown key(s) ['seeds']" in capsys.readouterr().err
+    assert "unknown key(s) ['seedz']" in capsys.readouterr().err
 
 
 def test_config_from_yaml_and_flags(tmp_path):
@@ -190,8 +200,38 @@ def test_config_from_yaml_and_flags(tmp_path):
     assert cfg.eval.tasks == ('copa',) and cfg.eval.max_examples_per_task == 7 and cfg.data.vocab_size == 512
     assert parse_budgets('0.8, 0.1,1') == (0.1, 0.8, 1.0)
     default = config_from_args(build_parser().parse_args(['study']))
-    assert default.budgets == (0.1, 0.2, 0.4, 0.8, 1.0) and default.out == 'runs/default'
+    assert default.budgets == (0.1, 0.2, 0.4) and default.out == 'runs/default'
+    assert (default.seeds, default.seeds_other, default.threads, default.timing) == (3, 2, 1, True)
     check_paths(default.replace(out=str(tmp_path / 'default')))  # the shipped recipes and data sources are valid
+    args = build_parser().parse_args(['study', '--lr-sweep', '5e-4,1e-3', '--router-weights', 'softmax', '--seeds',
+                                      '4', '--pretrain-tokens-per-param', '16,64', '--no-timing', '--upcycle-lr', '2e-3'])
+    cfg = config_from_args(args)
+    assert cfg.lr_sweep == (5e-4, 1e-3) and cfg.upcycle == {'router_weights': 'softmax'} and cfg.seeds == 4
+    assert cfg.regimes == (16.0, 64.0) and not cfg.timing and cfg.upcycle_lr == 2e-3
+    under = config_from_args(build_parser().parse_args(['study', '--preset', 'undertrained', '--seeds', '1']))
+    assert under.pretrain_steps == 600 and under.model['d_model'] == 128 and under.seeds == 1
+
+
+def test_default_plan_is_the_papers_regime():
+    """The default base is over-trained (>= 60 tokens per parameter), phase-2 lrs sit below the pretraining peak,
+    and the token ratio is the paper's 436M one; the under-trained preset is what it says."""
+    from foundry_upcycle.study.config import PRESETS
+    plan = P.Study(StudyConfig()).make_plan()
+    assert plan.pretrain_tokens / plan.params['cpt'][0] >= 60
+    assert all(lr < plan.pretrain_lr for lr in plan.lrs.values())
+    assert 0.74 < plan.token_ratio < 0.8
+    under = P.Study(StudyConfig.from_mapping(PRESETS['undertrained'])).make_plan()
+    assert under.pretrain_tokens / under.params['cpt'][0] < 1
+    with pytest.raises(ValueError, match='pretrain_steps or pretrain_tokens_per_param'):
+        StudyConfig.from_mapping({'pretrain_steps': 10, 'pretrain_tokens_per_param': [64]})
+    with pytest.raises(ValueError, match='router_weights'):
+        StudyConfig.from_mapping({'upcycle': {'router_weights': 'sigmoid'}})
+    softmax = P.Study(StudyConfig.from_mapping({'upcycle': {'router_weights': 'softmax'}})).make_plan()
+    assert softmax.upcycle_block['router_weights'] == 'softmax'                    # the ablation reaches the block
+    assert softmax.moe_model['ffn_config']['moe_normalize_expert_weights'] is None  # top-k weights not renormalised
+    assert plan.moe_model['ffn_config']['moe_normalize_expert_weights'] == 1
+    sixty_four = P.Study(StudyConfig.from_mapping({'pretrain_tokens_per_param': [64]})).make_plan()
+    assert abs(sixty_four.pretrain_tokens / sixty_four.params['cpt'][0] - 64) < 1
 
 
 def test_multi_process_runs_go_through_composers_launcher(tmp_path, monkeypatch):
@@ -203,9 +243,9 @@ def test_multi_process_runs_go_through_composers_launcher(tmp_path, monkeypatch)
     def fake_run(cmd, **kwargs):
         seen.update(cmd=cmd, path=kwargs['env']['PATH'])
         return Done()
-    monkeypatch.setattr(P.subprocess, 'run', fake_run)
+    monkeypatch.setattr(T.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError, match='failed with exit code 3'):
-        P.train_run({'run_name': 'x', 'max_duration': '1ba'}, tmp_path, nproc=2, progress=False)
+        T.train_run({"run_name": "x", "max_duration": "1ba"}, tmp_path, nproc=2, progress=False)
     yaml = str(tmp_path / 'train.yaml')
     assert seen['cmd'][1:] == ['-m', 'composer.cli.launcher', '-n', '2', '-c', 'llmfoundry', 'train', yaml]
     assert seen['path'].split(':')[0] == str(Path(seen['cmd'][0]).parent)   # the venv's `llmfoundry` comes first
@@ -232,7 +272,7 @@ def _meta_params(model_cfg: dict) -> int:
 def test_paper_shapes_build_at_full_size(scale):
     from foundry_upcycle.study.flops import param_counts, token_ratio
     from foundry_upcycle.transforms import MODEL_NAME
-    dense, moe = P.shipped_models(scale)
+    dense, moe = shipped_models(scale)
     moe = {**moe, 'name': MODEL_NAME}
     paper_dense, paper_moe, paper_ratio = PAPER[scale]
     n_dense, n_moe = _meta_params(dense), _meta_params(moe)
@@ -245,7 +285,7 @@ def _cpu_dense_checkpoint(scale: str, vocab: int, path: Path) -> Path:
     """A dense 1-layer model of the scale's full width, saved as a weights-only Composer checkpoint."""
     from llmfoundry.models.mpt import ComposerMPTCausalLM
     from foundry_upcycle.checkpoint_io import save_composer_weights
-    dense, _ = P.shipped_models(scale)
+    dense, _ = shipped_models(scale)
     cfg = {k: v for k, v in dense.items() if k != 'name'}
     cfg.update(n_layers=1, vocab_size=vocab, max_seq_len=SEQ, init_device='cpu', loss_fn='torch_crossentropy')
     cfg['attn_config'] = {**cfg['attn_config'], 'attn_impl': 'torch'}
@@ -275,7 +315,7 @@ def test_paper_scale_study_trains_two_steps_on_cpu(scale, corpus, tmp_path):
         'model': {'n_layers': 1, 'vocab_size': vocab, 'init_device': 'cpu', 'loss_fn': 'torch_crossentropy',
                   'attn_config': {'attn_impl': 'torch'}},
         'upcycle': {'backend': 'torch'}, 'train_overrides': list(CPU_OVERRIDES),
-        'eval': {'local_data': None, 'batch_size': 4}, 'inference': {'skip': True},
+        'eval': {'local_data': None, 'batch_size': 4}, 'inference': {'skip': True}, 'seeds': 1, 'timing': False,
     })
     study = P.Study(cfg)
     results = study.run()
@@ -285,6 +325,6 @@ def test_paper_scale_study_trains_two_steps_on_cpu(scale, corpus, tmp_path):
     for arm in results['arms']:
         assert len(arm['loss_curve']) == arm['steps'] and math.isfinite(arm['eval']['ce_domain'])
         assert math.isfinite(arm['eval']['ce_generic'])
-    train = (tmp_path / 'study' / 'arms' / 'upcycle-b1' / 'train.yaml').read_text()
+    train = next((tmp_path / 'study' / 'arms').glob('upcycle-b1-lr*-s0')).joinpath('train.yaml').read_text()
     assert f'd_model: {1024 if scale == "436m" else 2048}' in train and 'n_layers: 1' in train and 'upcycle:' in train
     assert results['dense']['eval']['ce_domain'] > 0 and results['missing_eval_tasks']

@@ -6,7 +6,11 @@ from typing import Any
 
 EPILOG = """\
 examples:
-  foundry-upcycle study --out runs/default                   # the built-in CPU study (about 15 min on 2 cores)
+  foundry-upcycle study --out runs/default                   # the built-in CPU study (paper regime, ~15-20 min)
+  foundry-upcycle study --lr-sweep 5e-4,1e-3,2e-3,2.8e-3     # pick each arm's lr by a sweep at the smallest budget
+  foundry-upcycle study --pretrain-tokens-per-param 16,64    # two bases: upcycling's gain vs pretraining length
+  foundry-upcycle study --router-weights softmax             # ablation: He et al.'s router for the upcycled arm
+  foundry-upcycle study --preset undertrained                # the earlier, under-trained default
   foundry-upcycle study --budgets 0.25,1 --skip-inference    # fewer budgets, no export / inference benchmark
   foundry-upcycle study --generic-dir my/prose --domain-dir my/domain    # your own text folders
   foundry-upcycle study --scale 436m --mds-dir my-mds --tokenizer my-tok \\
@@ -24,13 +28,28 @@ def register(subparsers) -> None:
                     'and report.md with plots. Flags override the --config file.',
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', metavar='YAML', help='study config file (see foundry_upcycle/study/config.py)')
+    p.add_argument('--preset', choices=('undertrained',), help='named settings under the config file and flags; '
+                   'undertrained: the earlier default (0.5 tokens per parameter, not the paper\'s regime)')
     p.add_argument('--out', help='output folder (default runs/default)')
     p.add_argument('--scale', choices=('tiny', '436m', '1.4b'),
                    help='tiny: the built-in CPU study; 436m / 1.4b: the paper\'s shapes on your MDS data (GPU)')
     p.add_argument('--budgets', help='training budgets as fractions of the dense pretraining FLOPs, comma-separated '
                    '(default 0.1,0.2,0.4,0.8,1.0, the paper\'s)')
     p.add_argument('--seed', type=int, help='training seed (default 17)')
-    p.add_argument('--pretrain-steps', type=int, help='dense pretraining steps of the tiny base (default 600)')
+    p.add_argument('--pretrain-steps', type=int, help='dense pretraining steps of the tiny base (default 850: 64 '
+                   'tokens per parameter)')
+    p.add_argument('--pretrain-tokens-per-param', metavar='N[,N...]', help='pretraining length of the tiny base in '
+                   'tokens per parameter instead of steps; several values (e.g. 16,64,128): one study per base in '
+                   '<out>/tpp<N>/ and a report of upcycling\'s gain against the base\'s training length')
+    p.add_argument('--seeds', type=int, help='phase-2 seeds (data order + router init) at the largest budget (default 3)')
+    p.add_argument('--seeds-other', type=int, help='phase-2 seeds at the other budgets (default 2)')
+    p.add_argument('--lr', type=float, help='phase-2 lr of CPT (and of upcycling unless --upcycle-lr)')
+    p.add_argument('--upcycle-lr', type=float, help='phase-2 lr of upcycling')
+    p.add_argument('--lr-sweep', metavar='LR,LR,...', help='try these phase-2 lrs for both arms at the smallest '
+                   'budget (seed 0) and train every budget at each arm\'s best (held-out domain CE), as the paper did')
+    p.add_argument('--router-weights', choices=('renormalized', 'softmax'), help='ablation: how the upcycled '
+                   'router weighs its top-k experts (renormalized: the default, Mixtral-compatible; softmax: He et '
+                   'al. 2024, no renormalisation, w2 scaled by E/K)')
     g = p.add_argument_group('data (tiny scale)')
     g.add_argument('--generic-dir', help='your generic text folder for dense pretraining (default: built-in plays)')
     g.add_argument('--domain-dir', help='your domain text folder for CPT / upcycling (default: built-in code + prose)')
@@ -43,12 +62,14 @@ def register(subparsers) -> None:
     g.add_argument('--nproc', type=int, help='processes per training run (composer -n N); default: visible GPUs')
     g = p.add_argument_group('evaluation and inference')
     g.add_argument('--eval-data', metavar='PATH', help='llm-foundry scripts/eval/local_data checkout for the ICL '
-                   'gauntlet (default: ../shared/foundry_eval/local_data beside the repo if present; "none": '
+                   'gauntlet (default: the samples of the default tasks shipped in the package; "none": '
                    'cross-entropy only)')
     g.add_argument('--tasks', help="ICL tasks: 'default', 'all' or comma-separated v0.3 task names")
     g.add_argument('--eval-examples', type=int, help='examples per ICL task (default 40)')
     g.add_argument('--skip-inference', action='store_true', help='no HF export, inference benchmark or cost report')
-    p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s)')
+    p.add_argument('--threads', type=int, help='torch CPU threads (default 1: reproducible, and fastest on a shared '
+                   'machine)')
+    p.add_argument('--no-timing', action='store_true', help='skip the interleaved step-time measurement')
     p.add_argument('--no-progress', action='store_true', help='no per-stage lines or progress bars')
     p.set_defaults(func=handler)
 
@@ -57,9 +78,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The config keys the flags set (only flags given on the command line)."""
     out: dict[str, Any] = {}
     for flag in ('out', 'scale', 'budgets', 'seed', 'pretrain_steps', 'mds_dir', 'generic_mds_dir', 'tokenizer',
-                 'dense_checkpoint', 'pretrain_tokens', 'nproc', 'threads'):
+                 'dense_checkpoint', 'pretrain_tokens', 'nproc', 'threads', 'seeds', 'seeds_other', 'lr',
+                 'upcycle_lr', 'lr_sweep', 'pretrain_tokens_per_param'):
         if getattr(args, flag) is not None:
             out[flag] = getattr(args, flag)
+    if args.router_weights is not None:
+        out['upcycle'] = {'router_weights': args.router_weights}
+    if args.no_timing:
+        out['timing'] = False
     data = {k: getattr(args, k) for k in ('generic_dir', 'domain_dir') if getattr(args, k) is not None}
     if data:
         out['data'] = data
@@ -82,10 +108,12 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace):
     from foundry_upcycle.study.config import StudyConfig, merge
+    from foundry_upcycle.study.config import PRESETS
     overrides = overrides_from_args(args)
+    base = PRESETS[args.preset] if getattr(args, 'preset', None) else {}
     if args.config:
-        return StudyConfig.from_yaml(args.config, overrides)
-    return StudyConfig.from_mapping(merge({}, overrides))
+        return StudyConfig.from_yaml(args.config, overrides, base=base)
+    return StudyConfig.from_mapping(merge(base, overrides))
 
 
 def handler(args: argparse.Namespace) -> int:

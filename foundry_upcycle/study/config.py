@@ -8,9 +8,11 @@ folders exist, the output folder is writable) and also runs before any training.
 Example study.yaml (the CLI flags override it):
 
     scale: tiny
-    budgets: [0.1, 0.2, 0.4, 0.8, 1.0]
+    budgets: [0.1, 0.2, 0.4]
     seed: 17
-    pretrain_steps: 400
+    seeds: 3                                  # phase-2 seeds at the largest budget (seeds_other elsewhere)
+    pretrain_steps: 850                       # or pretrain_tokens_per_param: [64] (a list: one study per base)
+    lr_sweep: [5.0e-4, 1.0e-3, 2.0e-3]        # optional: pick each arm's lr at the smallest budget
     model: {d_model: 64, n_layers: 2}        # overrides of every recipe's `model:` block
     upcycle: {num_experts: 4}                # overrides of the upcycling recipe's `upcycle:` block
     data: {generic_dir: my/prose, domain_dir: my/code, vocab_size: 1024}
@@ -31,16 +33,39 @@ from foundry_upcycle.study.data import DataConfig
 
 SCALES = ('tiny', '436m', '1.4b')
 PAPER_BUDGETS = (0.1, 0.2, 0.4, 0.8, 1.0)
-# All of the paper's budgets fit the 20-minute CPU default (measured; see README).
-DEFAULT_BUDGETS = PAPER_BUDGETS
+# The paper's budgets that fit the 20-minute CPU default with 3 seeds at the largest (docs/study_design.md).
+DEFAULT_BUDGETS = (0.1, 0.2, 0.4)
 MAX_BUDGET = 10.0
-DEFAULT_PRETRAIN_STEPS = 600
+# 850 steps x 32 x 128 tokens = 3.48M tokens for the 54,432-parameter default base: 64 tokens per parameter.
+DEFAULT_PRETRAIN_STEPS = 850
+DEFAULT_SEEDS = 3
+DEFAULT_SEEDS_OTHER = 2
+# One torch thread: results do not depend on the machine's core count, and on a shared machine one thread ran these
+# tiny models ~3x faster than two (busy-waiting OpenMP threads); its CPU time per step is the idle wall time.
+DEFAULT_THREADS = 1
+ROUTER_WEIGHTS = ('renormalized', 'softmax')
+# Named study settings (`--preset NAME`; flags and --config keys override them).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The study's earlier default, kept for comparison: an UNDER-trained base (1.21M parameters, 600 steps x 8 x 128
+    # tokens = 614k tokens, 0.5 tokens per parameter, near chance on the domain), both arms at lr 1e-3. The report
+    # says it is not the paper's regime.
+    'undertrained': {
+        'budgets': [0.1, 0.2, 0.4, 0.8, 1.0], 'seeds': 3, 'seeds_other': 1, 'pretrain_steps': 600,
+        'global_batch_size': 8, 'lr': 1.0e-3, 'upcycle_lr': 1.0e-3,
+        'model': {'d_model': 128, 'n_heads': 4, 'n_layers': 4, 'attn_config': {'kv_n_heads': 2}},
+        'data': {'vocab_size': 2048, 'generic_train_chars': 3_000_000, 'domain_train_chars': 3_000_000,
+                 'code_fraction': 0.5},
+    },
+}
 REPO = Path(__file__).resolve().parents[2]
 
 
-def repo_eval_data() -> Path:
-    """`../shared/foundry_eval/local_data` relative to this repository (the project's CI layout)."""
-    return REPO.parent / 'shared' / 'foundry_eval' / 'local_data'
+SHIPPED_EVAL_DATA = Path(__file__).resolve().parent / 'eval_data'
+
+
+def shipped_eval_data() -> Path:
+    """The samples of the default gauntlet tasks shipped in the package (eval_data/SOURCES.md)."""
+    return SHIPPED_EVAL_DATA
 
 
 def _is_int(x: Any) -> bool:
@@ -80,6 +105,19 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return dict(value)
 
 
+def parse_numbers(value: str, where: str) -> tuple[float, ...]:
+    """'5e-4, 1e-3' -> (0.0005, 0.001); ValueError naming `where` for anything else."""
+    out = []
+    for item in (s.strip() for s in value.split(',')):
+        if not item:
+            continue
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise ValueError(f'{where}: {item!r} is not a number') from None
+    return tuple(out)
+
+
 def parse_budgets(value: Union[str, Sequence[Any]], where: str = 'budgets') -> tuple[float, ...]:
     """'0.25,0.5,1' or [0.25, 0.5, 1] -> (0.25, 0.5, 1.0): numbers in (0, MAX_BUDGET], no duplicates, sorted."""
     items = [s.strip() for s in value.split(',') if s.strip()] if isinstance(value, str) else list(value)
@@ -103,8 +141,9 @@ def parse_budgets(value: Union[str, Sequence[Any]], where: str = 'budgets') -> t
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """local_data: llm-foundry's `scripts/eval/local_data` checkout; 'auto' = the repo's CI copy if present,
-    None = no ICL eval (cross-entropy only). tasks / max_examples_per_task: see gauntlet.GauntletSpec."""
+    """local_data: llm-foundry's `scripts/eval/local_data` checkout; 'auto' = the samples shipped in the package
+    (the same on every machine), None = no ICL eval (cross-entropy only). tasks / max_examples_per_task: see
+    gauntlet.GauntletSpec."""
     local_data: Optional[str] = 'auto'
     tasks: Union[str, tuple[str, ...]] = 'default'
     max_examples_per_task: Optional[int] = 40
@@ -125,8 +164,17 @@ class EvalConfig:
 
     def resolved_local_data(self) -> Optional[str]:
         if self.local_data == 'auto':
-            default = repo_eval_data()
-            return str(default) if default.is_dir() else None
+            return str(shipped_eval_data())
+        return self.local_data
+
+    def local_data_id(self) -> Optional[str]:
+        """What the eval data is, independent of where this checkout lives (for stage hashes and results.json)."""
+        if self.local_data == 'auto':
+            import hashlib
+            h = hashlib.sha256()
+            for f in sorted(shipped_eval_data().rglob('*.jsonl')):
+                h.update(f.relative_to(shipped_eval_data()).as_posix().encode() + b'\0' + f.read_bytes())
+            return f'shipped:{h.hexdigest()[:16]}'
         return self.local_data
 
 
@@ -166,9 +214,13 @@ class StudyConfig:
     out: str = 'runs/default'
     scale: str = 'tiny'
     budgets: tuple[float, ...] = DEFAULT_BUDGETS
-    seed: int = 17
+    seed: int = 17                                # dense base seed; phase-2 seed i trains with seed + i
+    seeds: int = DEFAULT_SEEDS                    # phase-2 seeds (data order + router init) at the largest budget
+    seeds_other: int = DEFAULT_SEEDS_OTHER        # ... and at every other budget
     # dense base: pretrained here (tiny), or given (dense_checkpoint + the tokens it was pretrained on)
-    pretrain_steps: int = DEFAULT_PRETRAIN_STEPS
+    pretrain_steps: Optional[int] = None          # None: DEFAULT_PRETRAIN_STEPS, or from pretrain_tokens_per_param
+    pretrain_tokens_per_param: tuple[float, ...] = ()   # one value: the base's length; several: one study each
+    lr_sweep: tuple[float, ...] = ()              # phase-2 lrs tried at the smallest budget (seed 0); best per arm
     dense_checkpoint: Optional[str] = None
     pretrain_tokens: Optional[int] = None
     # training settings shared by all runs; None keeps the recipe's value
@@ -176,6 +228,7 @@ class StudyConfig:
     max_seq_len: Optional[int] = None
     warmup_fraction: float = 0.1                  # of each CPT / upcycling run's steps (a fresh warmup)
     lr: Optional[float] = None                    # CPT and upcycling (upcycle.lr, if set, wins for upcycling)
+    upcycle_lr: Optional[float] = None            # upcycling only (sets upcycle.lr)
     pretrain_lr: Optional[float] = None
     model: Mapping[str, Any] = field(default_factory=dict)      # merged into every recipe's model block
     upcycle: Mapping[str, Any] = field(default_factory=dict)    # merged into the upcycle block
@@ -189,7 +242,8 @@ class StudyConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     nproc: Optional[int] = None                   # processes per training run; None: visible GPUs, else 1
-    threads: Optional[int] = None                 # torch CPU threads; None: torch's default
+    threads: Optional[int] = DEFAULT_THREADS      # torch CPU threads (fixed for reproducibility); None: torch's
+    timing: bool = True                           # interleaved, warmed-up step-time measurement of both arms
     progress: bool = True
 
     def __post_init__(self):
@@ -199,13 +253,28 @@ class StudyConfig:
         object.__setattr__(self, 'budgets', parse_budgets(self.budgets))
         if not _is_int(self.seed):
             raise ValueError(f'seed must be an integer, got {self.seed!r}')
-        _positive_int(self.pretrain_steps, 'pretrain_steps')
+        _positive_int(self.pretrain_steps, 'pretrain_steps', optional=True)
+        _positive_int(self.seeds, 'seeds')
+        _positive_int(self.seeds_other, 'seeds_other')
+        for key in ('pretrain_tokens_per_param', 'lr_sweep'):
+            value = getattr(self, key)
+            value = parse_numbers(value, key) if isinstance(value, str) else tuple(value or ())
+            if any(not _is_number(v) or v <= 0 for v in value) or len(set(value)) != len(value):
+                raise ValueError(f'{key} must be distinct numbers > 0, got {list(value)}')
+            object.__setattr__(self, key, tuple(float(v) for v in value))
+        if self.pretrain_steps is not None and self.pretrain_tokens_per_param:
+            raise ValueError('give pretrain_steps or pretrain_tokens_per_param, not both')
+        if len(self.lr_sweep) == 1:
+            raise ValueError('lr_sweep: give at least two learning rates (or set lr / upcycle_lr directly)')
+        if self.upcycle.get('router_weights') is not None and self.upcycle['router_weights'] not in ROUTER_WEIGHTS:
+            raise ValueError(f'upcycle.router_weights: {self.upcycle["router_weights"]!r} is not one of '
+                             f'{list(ROUTER_WEIGHTS)}')
         _positive_int(self.pretrain_tokens, 'pretrain_tokens', optional=True)
         for key in ('global_batch_size', 'max_seq_len', 'nproc', 'threads'):
             _positive_int(getattr(self, key), key, optional=True)
         if not _is_number(self.warmup_fraction) or not 0 <= self.warmup_fraction < 1:
             raise ValueError(f'warmup_fraction must be a number in [0, 1), got {self.warmup_fraction!r}')
-        for key in ('lr', 'pretrain_lr'):
+        for key in ('lr', 'pretrain_lr', 'upcycle_lr'):
             value = getattr(self, key)
             if value is not None and (not _is_number(value) or value <= 0):
                 raise ValueError(f'{key} must be a number > 0, got {value!r}')
@@ -225,14 +294,18 @@ class StudyConfig:
                 raise ValueError(f'{key} must be a {cls.__name__}')
         if self.scale == 'tiny' and self.max_seq_len is not None and self.data.max_seq_len != self.max_seq_len:
             object.__setattr__(self, 'data', dataclasses.replace(self.data, max_seq_len=self.max_seq_len))
-        if not isinstance(self.progress, bool):
-            raise ValueError(f'progress must be true or false, got {self.progress!r}')
+        for key in ('progress', 'timing'):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f'{key} must be true or false, got {getattr(self, key)!r}')
         self._check_scale()
 
     def _check_scale(self) -> None:
         if (self.dense_checkpoint is None) != (self.pretrain_tokens is None):
             raise ValueError('dense_checkpoint and pretrain_tokens go together: the budgets are fractions of the '
                              'FLOPs the given dense checkpoint was pretrained with')
+        if self.dense_checkpoint is not None and (self.pretrain_steps or self.pretrain_tokens_per_param):
+            raise ValueError('pretrain_steps / pretrain_tokens_per_param are for a base pretrained here; a given '
+                             'dense_checkpoint comes with pretrain_tokens')
         if self.scale == 'tiny':
             for key in ('mds_dir', 'generic_mds_dir', 'tokenizer'):
                 if getattr(self, key) is not None:
@@ -269,14 +342,16 @@ class StudyConfig:
                 kwargs[key] = sub(**sub_block)
         if 'train_overrides' in kwargs and isinstance(kwargs['train_overrides'], list):
             kwargs['train_overrides'] = tuple(kwargs['train_overrides'])
-        for key in ('warmup_fraction', 'lr', 'pretrain_lr'):
+        for key in ('warmup_fraction', 'lr', 'pretrain_lr', 'upcycle_lr'):
             if _is_int(kwargs.get(key)):
                 kwargs[key] = float(kwargs[key])
         return cls(**kwargs)
 
     @classmethod
-    def from_yaml(cls, path: str, overrides: Optional[Mapping[str, Any]] = None) -> 'StudyConfig':
-        """The config in a YAML file, with `overrides` (top-level keys; nested mappings merged) on top."""
+    def from_yaml(cls, path: str, overrides: Optional[Mapping[str, Any]] = None,
+                  base: Optional[Mapping[str, Any]] = None) -> 'StudyConfig':
+        """The config in a YAML file over `base` (a preset), with `overrides` (top-level keys; nested mappings
+        merged) on top."""
         p = Path(path).expanduser()
         if not p.is_file():
             raise ValueError(f'--config: {path} is not a file')
@@ -288,7 +363,7 @@ class StudyConfig:
             raise ValueError(f'--config: {path} is not a readable YAML file ({e})') from None
         if not isinstance(block, dict):
             raise ValueError(f'--config: {path} must hold a mapping of study settings')
-        return cls.from_mapping(merge(block, overrides or {}))
+        return cls.from_mapping(merge(merge(base or {}, block), overrides or {}))
 
     def replace(self, **changes: Any) -> 'StudyConfig':
         return dataclasses.replace(self, **changes)
@@ -311,6 +386,14 @@ class StudyConfig:
     @property
     def pretrains(self) -> bool:
         return self.dense_checkpoint is None
+
+    @property
+    def regimes(self) -> tuple[float, ...]:
+        """Several pretraining lengths (tokens per parameter): one sub-study each; () for a single study."""
+        return self.pretrain_tokens_per_param if len(self.pretrain_tokens_per_param) > 1 else ()
+
+    def seeds_at(self, budget: float) -> int:
+        return self.seeds if budget == max(self.budgets) else self.seeds_other
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -89,12 +89,12 @@ class DataConfig:
     """Where the study's text comes from, how much of it, and how it is tokenized."""
     generic_dir: Optional[str] = None        # None: the built-in Shakespeare plays
     domain_dir: Optional[str] = None         # None: built-in mix of stdlib code and held-out prose
-    code_fraction: float = 0.5               # built-in domain mix only
-    generic_train_chars: int = 3_000_000
+    code_fraction: float = 0.7               # built-in domain mix only (all the held-out prose + code)
+    generic_train_chars: int = 4_800_000     # about all of the built-in plays (4.81M characters)
     generic_val_chars: int = 150_000
-    domain_train_chars: int = 3_000_000
+    domain_train_chars: int = 4_800_000
     domain_val_chars: int = 150_000
-    vocab_size: int = 2048
+    vocab_size: int = 512
     max_seq_len: int = 128
     seed: int = 0
     cache_dir: Optional[str] = None          # sdist cache; None: default_cache_dir(). Not part of the hash.

@@ -1,11 +1,15 @@
-"""The study report: `report.md` and PNG plots from a results.json (schema 1, see README).
+"""The study report: `report.md` and PNG plots from a results.json (schema 2, see study/results.py).
 
 Plots (Matplotlib, object API, no pyplot state):
 - figure1_upcycle_vs_cpt.png: the paper's Figure 1, relative core-average gain of upcycling over CPT and final
-  cross-entropy of both arms against the training budget;
+  cross-entropy of both arms (mean over seeds, error bars: 2 standard errors) against the training budget;
 - figure4_core_average.png: the paper's Figure 4, absolute core average of both arms and the dense baseline;
-- loss_curves.png: training loss of both arms, one panel per budget;
-- throughput.png: measured tokens/s per arm, and measured step-time ratio against the FLOP ratio.
+- loss_curves.png: training loss of both arms (seed 0), one panel per budget;
+- throughput.png: interleaved, warmed-up step times of both arms and their ratio against the FLOP ratio;
+- router.png (when the runs logged `router/...` through the `upcycle_router_monitor` callback): per-layer expert
+  load heatmap at the end of the largest budget's upcycled run, and router entropy / expert spread / LBL curves.
+
+A winner is named only when the gap exceeds twice its standard error (results['comparisons']).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from foundry_upcycle.atomic import atomic_write
 
-SCHEMA = 1
+SCHEMA = 2
 ARMS = ('cpt', 'upcycle')
 LABEL = {'cpt': 'CPT (dense)', 'upcycle': 'upcycled (MoE)', 'dense': 'dense base (before CPT / upcycling)'}
 COLOR = {'cpt': '#1f77b4', 'upcycle': '#d62728', 'dense': '#444444'}
@@ -30,6 +34,8 @@ FIGURES = {
     'loss': 'loss_curves.png',
     'throughput': 'throughput.png',
 }
+ROUTER_FIGURE = 'router.png'
+VERDICT = {'upcycle': 'upcycled ahead', 'cpt': 'CPT ahead', 'within noise': 'within noise', 'n/a': 'no verdict'}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -47,7 +53,7 @@ def _eval(entry: Optional[Mapping[str, Any]], key: str) -> Optional[float]:
 
 
 def check_results(results: Any) -> None:
-    """ValueError naming what is wrong when `results` does not follow schema 1."""
+    """ValueError naming what is wrong when `results` does not follow schema 2."""
     if not isinstance(results, Mapping):
         raise ValueError(f'results: expected a mapping (results.json object), got {type(results).__name__}')
     if results.get('schema') != SCHEMA:
@@ -77,16 +83,32 @@ def relative_gain(upcycle: Optional[float], cpt: Optional[float]) -> Optional[fl
     return 100.0 * (upcycle - cpt) / cpt
 
 
-def ce_winner(results: Mapping[str, Any], budget: float) -> tuple[str, str]:
-    """('cpt' | 'upcycle' | 'tie' | 'n/a', a sentence) for held-out domain CE at one budget; lower wins."""
-    cpt, up = (_eval(_arm(results, a, budget), 'ce_domain') for a in ARMS)
-    if cpt is None or up is None:
-        return 'n/a', 'not measured (an arm or its domain CE is missing)'
-    if round(cpt, 4) == round(up, 4):
-        return 'tie', f'tie: both {cpt:.4f}'
-    winner = 'upcycle' if up < cpt else 'cpt'
-    return winner, (f'**{LABEL[winner]}** wins: {up:.4f} (upcycled) vs {cpt:.4f} (CPT), '
-                    f'difference {abs(up - cpt):.4f} nats/token')
+def ce_winner(results: Mapping[str, Any], budget: float, metric: str = 'ce_domain') -> tuple[str, str]:
+    """('cpt' | 'upcycle' | 'within noise' | 'n/a', a sentence) for one budget, by the 2-standard-error rule."""
+    c = ((results.get('comparisons') or {}).get(f'{budget:g}') or {}).get(metric)
+    if not c or c.get('upcycle') is None or c.get('cpt') is None:
+        return 'n/a', 'not measured (an arm or its value is missing)'
+    fmt = '.4f' if metric.startswith('ce') else '.3f'
+    values = f'{c["upcycle"]:{fmt}} (upcycled) vs {c["cpt"]:{fmt}} (CPT)'
+    gap = abs(c['upcycle'] - c['cpt'])
+    if c['winner'] == 'n/a':
+        return 'n/a', f'{values}: no noise estimate (one seed), no verdict'
+    se = f'gap {gap:{fmt}}, 2 SE = {2 * c["se"]:{fmt}}'
+    if c['winner'] == 'within noise':
+        return 'within noise', f'within noise: {values}, {se}'
+    return c['winner'], f'**{LABEL[c["winner"]]}** ahead: {values}, {se}'
+
+
+def _err(entry: Optional[Mapping[str, Any]], metric: str) -> Optional[float]:
+    """2 x the standard error of an arm's mean (for error bars), or None."""
+    if not entry:
+        return None
+    if metric == 'core_average':
+        b = _num(entry.get('core_average_binomial_se'))
+        s = _num((entry.get('eval_sem') or {}).get(metric)) or 0.0
+        return None if b is None else 2 * math.sqrt(b * b + s * s)
+    s = _num((entry.get('eval_sem') or {}).get(metric))
+    return None if s is None else 2 * s
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -150,12 +172,14 @@ def plot_figure1(results: Mapping[str, Any], path: Path) -> None:
         ax.legend(loc='best')
     ax = axes[0][1]
     for arm in ARMS:
-        curves = ((lambda a: _eval(a, 'ce_domain'), 'o-', 'held-out domain CE'),
-                  (lambda a: _num((a or {}).get('train_ce_last50')), 's--', 'train CE, last 50 steps'))
-        for value, style, what in curves:
-            bx, by = _series(results, arm, value)
-            if bx:
-                ax.plot(bx, by, style, color=COLOR[arm], label=f'{LABEL[arm]}: {what}')
+        bx, by = _series(results, arm, lambda a: _eval(a, 'ce_domain'))
+        errs = [_err(_arm(results, arm, b), 'ce_domain') or 0.0 for b in bx]
+        if bx:
+            ax.errorbar(bx, by, yerr=errs, fmt='o-', color=COLOR[arm], capsize=3,
+                        label=f'{LABEL[arm]}: held-out domain CE (bars: 2 SE over seeds)')
+        bx, by = _series(results, arm, lambda a: _num((a or {}).get('train_ce_final')))
+        if bx:
+            ax.plot(bx, by, 's--', color=COLOR[arm], alpha=0.6, label=f'{LABEL[arm]}: final train CE (last 5%)')
     dense_ce = _eval(results.get('dense'), 'ce_domain')
     if dense_ce is not None:
         ax.axhline(dense_ce, color=COLOR['dense'], ls=':', label=f'{LABEL["dense"]}: held-out domain CE')
@@ -172,8 +196,10 @@ def plot_figure4(results: Mapping[str, Any], path: Path) -> None:
     ax = axes[0][0]
     for arm in ARMS:
         bx, by = _series(results, arm, lambda a: _eval(a, 'core_average'))
+        errs = [_err(_arm(results, arm, b), 'core_average') or 0.0 for b in bx]
         if bx:
-            ax.plot(bx, by, 'o-', color=COLOR[arm], lw=2, label=LABEL[arm])
+            ax.errorbar(bx, by, yerr=errs, fmt='o-', color=COLOR[arm], lw=2, capsize=3,
+                        label=f'{LABEL[arm]} (bars: 2 SE, binomial + seeds)')
     dense = _eval(results.get('dense'), 'core_average')
     if dense is not None:
         ax.axhline(dense, color=COLOR['dense'], ls='--', label=LABEL['dense'])
@@ -238,45 +264,104 @@ def flop_ratio(results: Mapping[str, Any]) -> Optional[float]:
     return fpts['upcycle'] / fpts['cpt']
 
 
-def step_time_ratios(results: Mapping[str, Any]) -> dict[float, float]:
-    out = {}
-    for b in _budgets(results):
-        cpt, up = (_num((_arm(results, a, b) or {}).get('step_time_s')) for a in ARMS)
-        if cpt and up:
-            out[b] = up / cpt
-    return out
-
-
 def plot_throughput(results: Mapping[str, Any], path: Path) -> None:
     fig, axes = _new_figure(2)
+    timing = results.get('timing') or {}
+    steps = timing.get('steps_s') or {}
     ax = axes[0][0]
-    budgets = _budgets(results)
-    width = 0.38
     for k, arm in enumerate(ARMS):
-        vals = [_num((_arm(results, arm, b) or {}).get('tokens_per_s')) for b in budgets]
-        xs = [i + (k - 0.5) * width for i in range(len(budgets))]
-        ax.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], width,
-               color=COLOR[arm], label=LABEL[arm])
-    ax.set_xticks(range(len(budgets)))
-    ax.set_xticklabels([f'{b:g}' for b in budgets])
-    ax.set_xlabel(BUDGET_AXIS)
-    ax.set_ylabel('measured training throughput (tokens/s)')
-    ax.set_title('Training throughput per arm')
-    ax.grid(True, axis='y', alpha=0.3)
-    _legend_below(ax)
+        ts = [1000 * t for t in steps.get(arm, [])]
+        if ts:
+            ax.plot(range(1, len(ts) + 1), ts, 'o-', color=COLOR[arm], label=f'{LABEL[arm]}: median '
+                    f'{1000 * timing["step_time_s"][arm]:.0f} ms')
+    ax.set_xlabel('measured step (after warm-up; arms interleaved)')
+    ax.set_ylabel('step time (ms)')
+    loaded = ' - LOADED MACHINE' if timing.get('loaded') else ''
+    ax.set_title(f'Training step times, same batch, same process{loaded}')
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        _legend_below(ax)
+    else:
+        ax.text(0.5, 0.5, 'not measured', ha='center', va='center', transform=ax.transAxes)
     ax = axes[0][1]
-    ratios = step_time_ratios(results)
-    if ratios:
-        ax.plot(list(ratios), list(ratios.values()), 'o-', color=COLOR['upcycle'], lw=2,
-                label='measured: upcycled / CPT step time')
+    labels, values, colors = [], [], []
+    if _num(timing.get('ratio')) is not None:
+        labels.append('measured\n(median steps)')
+        values.append(timing['ratio'])
+        colors.append(COLOR['upcycle'])
     fr = flop_ratio(results)
     if fr is not None:
-        ax.axhline(fr, color='black', ls='--', label=f'FLOP ratio (upcycled / dense per token) = {fr:.2f}')
+        labels.append('FLOPs per token')
+        values.append(fr)
+        colors.append('#777777')
+    ax.bar(labels, values, color=colors)
+    for i, v in enumerate(values):
+        ax.annotate(f'{v:.2f}', (i, v), textcoords='offset points', xytext=(0, 3), ha='center')
     ax.axhline(1, color='gray', ls=':', lw=0.8)
-    ax.set_ylabel('upcycled / CPT time per step (x)')
-    ax.set_title('Step-time ratio vs FLOP ratio\n(same batch and sequence length in both arms)')
-    _budget_axis(ax, results)
-    _legend_below(ax)
+    ax.set_ylabel('upcycled / CPT (x)')
+    ax.set_title('Step-time ratio vs FLOP ratio')
+    ax.grid(True, axis='y', alpha=0.3)
+    _save(fig, path)
+
+
+def _router_series(entry: Mapping[str, Any]) -> dict[str, list]:
+    return (entry or {}).get('router') or {}
+
+
+def router_summary(results: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The largest budget's upcycled run (seed 0): final load per layer and expert, and the curves; None if the
+    runs did not log `router/...` (the `upcycle_router_monitor` callback was not in the recipe)."""
+    top = max(_budgets(results))
+    series = _router_series(_arm(results, 'upcycle', top))
+    if not series:
+        return None
+    import re
+    load: dict[int, dict[int, float]] = {}
+    curves: dict[str, dict[int, list]] = {'entropy': {}, 'expert_spread': {}, 'lbl': {}}
+    for name, pts in series.items():
+        m = re.fullmatch(r'layer(\d+)/load/expert(\d+)', name)
+        if m and pts:
+            load.setdefault(int(m.group(1)), {})[int(m.group(2))] = pts[-1][1]
+            continue
+        m = re.fullmatch(r'layer(\d+)/(entropy|expert_spread|lbl)', name)
+        if m:
+            curves[m.group(2)][int(m.group(1))] = pts
+    total_lbl = series.get('lbl')
+    layers = sorted(load)
+    experts = sorted({e for v in load.values() for e in v})
+    matrix = [[load[i].get(e, float('nan')) for e in experts] for i in layers]
+    return {'budget': top, 'layers': layers, 'experts': experts, 'load': matrix, 'curves': curves,
+            'lbl_total': total_lbl}
+
+
+def plot_router(summary: Mapping[str, Any], path: Path) -> None:
+    fig, axes = _new_figure(4, width=4.4, height=3.8)
+    ax = axes[0][0]
+    if summary['load']:
+        im = ax.imshow(summary['load'], aspect='auto', cmap='viridis', vmin=0)
+        fig.colorbar(im, ax=ax, label='fraction of assignments')
+        ax.set_xticks(range(len(summary['experts'])))
+        ax.set_xticklabels([str(e) for e in summary['experts']])
+        ax.set_yticks(range(len(summary['layers'])))
+        ax.set_yticklabels([str(i) for i in summary['layers']])
+        if summary['experts']:
+            ax.set_title(f'expert load at the end (uniform = {1 / len(summary["experts"]):.3f})')
+    ax.set_xlabel('expert')
+    ax.set_ylabel('layer')
+    for ax, (key, title) in zip(axes[0][1:], (('entropy', 'router entropy (nats)'),
+                                              ('expert_spread', 'expert spread from the dense copy'),
+                                              ('lbl', 'load-balancing loss'))):
+        for layer, pts in sorted(summary['curves'][key].items()):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f'layer {layer}')
+        if key == 'lbl' and summary.get('lbl_total'):
+            pts = summary['lbl_total']
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], 'k--', label='all layers')
+        ax.set_xlabel('step')
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(f'Router health, upcycled run at budget {summary["budget"]:g} (seed 0)')
     _save(fig, path)
 
 
@@ -297,13 +382,26 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(r) + ' |' for r in rows]
 
 
+def _pm(entry: Optional[Mapping[str, Any]], metric: str, spec: str = '.4f') -> str:
+    """'mean ± std (n)' of an eval metric over seeds."""
+    if not entry:
+        return 'n/a'
+    mean = _eval(entry, metric)
+    std = _num((entry.get('eval_std') or {}).get(metric))
+    n = entry.get('n_seeds') or 1
+    if mean is None:
+        return 'n/a'
+    return f'{mean:{spec}} ± {std:{spec}}' if std is not None else f'{mean:{spec}}' + (' (1 seed)' if n == 1 else '')
+
+
 def _results_table(results: Mapping[str, Any]) -> list[str]:
-    header = ['budget', 'arm', 'tokens', 'steps', 'train FLOPs', 'active / total params', 'train CE (last 50)',
-              'held-out generic CE', 'held-out domain CE', 'core average', 'tokens/s', 's/step']
+    header = ['budget', 'arm', 'lr', 'seeds', 'tokens', 'steps', 'train FLOPs', 'active / total params',
+              'final train CE (last 5%)', 'held-out generic CE', 'held-out domain CE (mean ± std)', 'core average']
     dense = results.get('dense') or {}
-    rows = [['0 (base)', 'dense', _int(dense.get('pretrain_tokens')), '', _f(dense.get('pretrain_flops'), '.3g'),
-             _int(dense.get('params')), '', _f(_eval(dense, 'ce_generic')), _f(_eval(dense, 'ce_domain')),
-             _f(_eval(dense, 'core_average')), '', '']]
+    rows = [['0 (base)', 'dense', _f(dense.get('pretrain_lr'), 'g'), '1', _int(dense.get('pretrain_tokens')),
+             _int(dense.get('pretrain_steps')), _f(dense.get('pretrain_flops'), '.3g'), _int(dense.get('params')),
+             _f(dense.get('train_ce_final')), _f(_eval(dense, 'ce_generic')), _f(_eval(dense, 'ce_domain')),
+             _f(_eval(dense, 'core_average'), '.3f')]]
     for b in _budgets(results):
         for arm in ARMS:
             a = _arm(results, arm, b)
@@ -311,11 +409,100 @@ def _results_table(results: Mapping[str, Any]) -> list[str]:
                 rows.append([f'{b:g}', LABEL[arm], 'missing'] + [''] * 9)
                 continue
             params = f'{_int(a.get("active_params"))} / {_int(a.get("total_params"))}'
-            rows.append([f'{b:g}', LABEL[arm], _int(a.get('tokens')), _int(a.get('steps')),
-                         _f(a.get('train_flops'), '.3g'), params, _f(a.get('train_ce_last50')),
-                         _f(_eval(a, 'ce_generic')), _f(_eval(a, 'ce_domain')), _f(_eval(a, 'core_average')),
-                         _f(a.get('tokens_per_s'), ',.0f'), _f(a.get('step_time_s'), '.3f')])
+            rows.append([f'{b:g}', LABEL[arm], _f(a.get('lr'), 'g'), str(a.get('n_seeds', 1)), _int(a.get('tokens')),
+                         _int(a.get('steps')), _f(a.get('train_flops'), '.3g'), params, _f(a.get('train_ce_final')),
+                         _pm(a, 'ce_generic'), _pm(a, 'ce_domain'), _pm(a, 'core_average', '.3f')])
     return _table(header, rows)
+
+
+def _regime_lines(results: Mapping[str, Any]) -> list[str]:
+    r = results.get('regime') or {}
+    if not r:
+        return ['The results do not record the regime.']
+    tpp, chance, base = _num(r.get('base_tokens_per_param')), _num(r.get('chance_ce')), _num(r.get('base_ce_domain'))
+    slope = _num(r.get('cpt_slope_per_doubling'))
+    lo, hi = r.get('paper_tokens_per_param') or (100, 460)
+    slo, shi = r.get('paper_cpt_slope_per_doubling') or (0.014, 0.025)
+    lines = [f'**Regime: {r.get("label", "?")}.** '
+             + ('This run is a test of the paper\'s claim (an over-trained, annealed dense base that knows the '
+                'domain; phase-2 lrs below the pretraining peak).' if r.get('tests_paper_claim') else
+                'This run does NOT test the paper\'s claim: ' + '; '.join(r.get('why_not') or []) + '.'), '',
+             '| | this study | the paper |', '|---|---|---|',
+             f'| dense base: pretraining tokens per parameter | {_f(tpp, ".1f")} | {lo}-{hi} |',
+             f'| dense base: held-out domain CE vs chance ln V | {_f(base, ".3f")} vs {_f(chance, ".3f")} '
+             f'(V = {_int(r.get("vocab_size"))}) | far below chance |',
+             f'| CPT: drop in held-out domain CE per doubling of tokens | {_f(slope, ".3f")} | {slo}-{shi} |',
+             f'| phase-2 lr vs pretraining peak | ' + ', '.join(f'{k} {v:g}' for k, v in
+                                                             (r.get('phase2_lrs') or {}).items())
+             + f' vs {_f(r.get("pretrain_lr"), "g")} | 5e-5 / 1e-4 vs a higher peak |', '']
+    if slope is not None and slope > 2 * shi:
+        lines.append(f'CPT still gains {slope:.3f} nats per doubling of tokens here, several times the paper\'s '
+                     f'{slo}-{shi}: the arms are further from saturation than the paper\'s, so the upcycled arm\'s '
+                     f'token deficit (ratio {_f(results.get("token_ratio"), ".3f")}) costs it more than it would '
+                     'there. Read the verdicts with that in mind.')
+    return lines
+
+
+def _lr_lines(results: Mapping[str, Any]) -> list[str]:
+    lr = results.get('lr') or {}
+    if not lr:
+        return []
+    lines = [f'Phase-2 learning rates: CPT {_f(lr.get("cpt"), "g")}, upcycling {_f(lr.get("upcycle"), "g")} '
+             f'(source: {lr.get("source")}; the paper picked each arm\'s lr by a sweep at its shortest budget, then '
+             'kept it for all budgets).']
+    sweep = lr.get('sweep')
+    if sweep:
+        lines += ['', f'Sweep at budget {sweep["budget"]:g} (seed 0), held-out domain CE:', '']
+        lines += _table(['lr', 'CPT', 'upcycled'], [[f'{r["lr"]:g}', _f(r.get('cpt')), _f(r.get('upcycle'))]
+                                                   for r in sweep['rows']])
+        if sweep.get('at_edge'):
+            lines += ['', f'The best lr of {", ".join(sweep["at_edge"])} is at the edge of the sweep: the optimum '
+                      'may lie outside it.']
+    else:
+        lines.append('The default lrs come from the sweep in docs/lr_sweep.md (`--lr-sweep` reruns it).')
+    return lines
+
+
+def _timing_lines(results: Mapping[str, Any]) -> list[str]:
+    t = results.get('timing') or {}
+    fr = flop_ratio(results)
+    if not t or _num(t.get('ratio')) is None:
+        return ['Step times were not measured (timing off).']
+    load = t.get('load_average_before'), t.get('load_average_after')
+    text = (f'Measured step-time ratio, upcycled / CPT: **{t["ratio"]:.2f}** (median step '
+            f'{1000 * t["step_time_s"]["upcycle"]:.0f} ms vs {1000 * t["step_time_s"]["cpt"]:.0f} ms; '
+            f'{t.get("method", "")}) against a FLOP ratio of {_f(fr, ".2f")}. Load average (1/5/15 min) before '
+            f'{load[0]}, after {load[1]}, on {t.get("cpu_count")} CPUs.')
+    if t.get('loaded'):
+        text += (' **The machine was loaded while this was measured** (more runnable work than cores beside '
+                 'this process): the absolute times are pessimistic and the ratio is less reliable.')
+    return [text, '', 'Per-run throughput (tokens/s, mean over seeds; wall-clock, same machine): ' + ', '.join(
+        f'{LABEL[a["arm"]]} @ {a["budget"]:g}: {_f(a.get("tokens_per_s"), ",.0f")}' for a in results['arms']) + '.']
+
+
+def _router_lines(results: Mapping[str, Any], summary: Optional[Mapping[str, Any]]) -> list[str]:
+    if summary is None:
+        return ['No router metrics were logged (add the `upcycle_router_monitor` callback to the upcycling '
+                'recipe\'s `callbacks:` to get the per-layer expert load, router entropy, expert spread and LBL).']
+    lines = [f'![Router health]({ROUTER_FIGURE})', '']
+    if summary['load'] and summary['experts']:
+        uniform = 1 / len(summary['experts'])
+        worst = max((max(row) for row in summary['load'] if row), default=float('nan'))
+        lines.append(f'Final expert load at budget {summary["budget"]:g}: the most-loaded expert takes {worst:.3f} '
+                     f'of its layer\'s assignments (uniform: {uniform:.3f}).')
+    return lines
+
+
+def _verdict_lines(results: Mapping[str, Any], metric: str) -> list[str]:
+    budgets = _budgets(results)
+    winners = {b: ce_winner(results, b, metric) for b in budgets}
+    tally = {w: sum(1 for v, _ in winners.values() if v == w) for w in ('upcycle', 'cpt', 'within noise', 'n/a')}
+    lines = [f'- budget {b:g}: {text}' for b, (_, text) in winners.items()]
+    lines += ['', f'Upcycled ahead at {tally["upcycle"]}, CPT ahead at {tally["cpt"]}, within noise at '
+              f'{tally["within noise"]} of {len(budgets)} budgets' +
+              (f' ({tally["n/a"]} without a verdict)' if tally['n/a'] else '') +
+              ' (ahead = the gap exceeds 2 standard errors).']
+    return lines
 
 
 def _task_table(results: Mapping[str, Any]) -> list[str]:
@@ -331,13 +518,13 @@ def _task_table(results: Mapping[str, Any]) -> list[str]:
 
 
 def render_markdown(results: Mapping[str, Any], figures: Mapping[str, str],
-                    extra_sections: Sequence[str] = ()) -> str:
+                    extra_sections: Sequence[str] = (), router: Optional[Mapping[str, Any]] = None) -> str:
     budgets = _budgets(results)
     dense = results.get('dense') or {}
     ratio = _num(results.get('token_ratio'))
     missing = results.get('missing_eval_tasks') or []
-    winners = {b: ce_winner(results, b) for b in budgets}
-    tally = {w: sum(1 for v, _ in winners.values() if v == w) for w in ('upcycle', 'cpt', 'tie', 'n/a')}
+    rw = results.get('router_weights') or 'renormalized'
+    top = next((a for a in results['arms'] if a['budget'] == max(budgets)), {})
     lines = [
         '# Continued pretraining vs sparse upcycling',
         '',
@@ -345,60 +532,65 @@ def render_markdown(results: Mapping[str, Any], figures: Mapping[str, str],
         f'{_int(dense.get("pretrain_tokens"))} tokens) was trained further on the domain mix in two ways at '
         f'matched training FLOPs: continued pretraining of the dense model (CPT), and upcycling it into a '
         f'mixture of experts. Budgets are fractions of the dense pretraining FLOPs: '
-        f'{", ".join(f"{b:g}" for b in budgets)}.',
+        f'{", ".join(f"{b:g}" for b in budgets)}; {top.get("n_seeds", 1)} seed(s) at the largest.'
+        + (f' Router weights: **{rw}** (ablation: softmax over all experts, top-k without renormalisation, '
+           'He et al. 2024).' if rw != 'renormalized' else ''),
         '',
         f'**Upcycled / CPT token ratio at matched FLOPs: {_f(ratio, ".3f")}** (the MoE spends more FLOPs per '
         'token on its active experts, so it sees fewer tokens; the paper reports about 0.75 for its 436M model '
         'and 0.68 for 1.4B).',
         '',
-        '## Which arm won on held-out domain cross-entropy',
+        '## Regime',
+        '',
+        *_regime_lines(results),
+        '',
+        '## Held-out domain cross-entropy: which arm is ahead',
+        '',
+        *_verdict_lines(results, 'ce_domain'),
+        '',
+        '## Core average (eval gauntlet v0.3, chance-normalised): which arm is ahead',
+        '',
+        *_verdict_lines(results, 'core_average'),
+        '',
+        '## Learning rates',
+        '',
+        *_lr_lines(results),
+        '',
+        '## Results',
         '',
     ]
-    lines += [f'- budget {b:g}: {text}' for b, (_, text) in winners.items()]
-    lines += ['', f'Upcycled won at {tally["upcycle"]}, CPT at {tally["cpt"]} of {len(budgets)} budgets'
-              + (f' ({tally["tie"]} tied)' if tally['tie'] else '')
-              + (f' ({tally["n/a"]} not measured)' if tally['n/a'] else '') + '. These are the measured values.',
-              '', '## Results', '']
     lines += _results_table(results)
-    lines += ['', 'CE: cross-entropy in nats/token, lower is better. Core average: eval gauntlet v0.3, '
-              'chance-normalised (0 = random guessing).', '', '## Figures', '',
+    lines += ['', 'CE: cross-entropy in nats/token, lower is better; ± is the standard deviation over seeds. Core '
+              'average: eval gauntlet v0.3, chance-normalised (0 = random guessing). Final train CE: '
+              f'{results.get("train_ce_definition", "mean over the last steps")}.', '', '## Figures', '',
               f'![Figure 1]({figures["figure1"]})', '',
-              'Figure 1 (as in the paper): left, relative core-average gain of upcycling over CPT; right, final '
-              'held-out domain CE and training CE (mean of the last 50 steps) of both arms.', '',
+              'Figure 1 (as in the paper): left, relative core-average gain of upcycling over CPT; right, held-out '
+              'domain CE (mean over seeds, bars: 2 standard errors) and final training CE of both arms.', '',
               f'![Figure 4]({figures["figure4"]})', '',
               'Figure 4 (as in the paper): core average of both arms, with the dense base as a horizontal line.', '',
               f'![Training loss]({figures["loss"]})', '',
-              'Training loss of both arms at each budget, against tokens seen.', '',
-              f'![Throughput]({figures["throughput"]})', '']
-    fr, ratios = flop_ratio(results), step_time_ratios(results)
-    if ratios:
-        mean = sum(ratios.values()) / len(ratios)
-        lines.append(f'Measured step time, upcycled / CPT: {", ".join(f"{r:.2f}" for r in ratios.values())} '
-                     f'(mean {mean:.2f}) against a FLOP ratio of {_f(fr, ".2f")} (same batch in both arms). '
-                     'Routing, expert dispatch and memory traffic, not FLOPs alone, set the measured step time, '
-                     'so the two ratios need not agree.')
-    else:
-        lines.append('Step times were not recorded for both arms, so no measured step-time ratio is shown.')
+              'Training loss of both arms at each budget (seed 0), against tokens seen.', '',
+              '## Router health', '', *_router_lines(results, router), '',
+              '## Step time', '', f'![Step times]({figures["throughput"]})', '', *_timing_lines(results)]
     lines += ['', '## Evaluation coverage', '']
     if missing:
-        lines.append(f'Missing eval tasks (no data found, left out of the gauntlet; a category with any missing '
-                     f'task is dropped from the core average): {", ".join(sorted(missing))}.')
+        lines.append(f'Tasks not evaluated (no data, or not selected): {", ".join(sorted(missing))}. Foundry drops '
+                     'a category with any missing task; our core average is over the tasks present.')
     else:
         lines.append('No eval tasks were missing.')
-    lines += ['', '### Per-task scores', '']
+    lines += ['', '### Per-task scores (mean over seeds)', '']
     lines += _task_table(results)
     lines += ['', '## Caveats', '']
     params = _num(dense.get('params'))
     if params is None or params < TINY_PARAMS:
-        lines.append(f'This is a tiny model ({_int(params)} parameters) trained briefly. Its eval gauntlet '
-                     'scores sit near chance level, so differences in core average between the arms are mostly '
-                     'noise and say nothing about the paper\'s claim; held-out cross-entropy is the meaningful '
-                     'measurement at this scale. The paper\'s findings were made at 436M and 1.4B parameters on '
-                     'tens to hundreds of billions of tokens.')
+        lines.append(f'This is a tiny model ({_int(params)} parameters). Its eval gauntlet scores sit near chance '
+                     'level, so the core average mostly measures noise (its error bars say how much); held-out '
+                     'cross-entropy is the meaningful measurement at this scale. The paper\'s findings were made at '
+                     '436M and 1.4B parameters on tens to hundreds of billions of tokens.')
         lines.append('')
-    lines.append(f'Each number comes from a single training run (one seed), without error bars. Relative '
-                 f'core-average gains are not computed where CPT scores at chance (core average <= '
-                 f'{MIN_BASE_FOR_RELATIVE}).')
+    lines.append('A verdict needs the gap to exceed 2 standard errors: over seeds where a budget has several; at a '
+                 'one-seed budget, the seed spread pooled from the budgets with several (labelled in '
+                 'results.json `comparisons`). The lr was selected on the same held-out domain set that is reported.')
     lines.append('')
     for section in extra_sections:
         lines += [section.rstrip('\n'), '']
@@ -421,7 +613,10 @@ def write_report(results: dict, out_dir, extra_sections: Sequence[str] = ()) -> 
     plot_figure4(results, out / FIGURES['figure4'])
     plot_loss_curves(results, out / FIGURES['loss'])
     plot_throughput(results, out / FIGURES['throughput'])
-    text = render_markdown(results, FIGURES, extra_sections)
+    router = router_summary(results)
+    if router is not None:
+        plot_router(router, out / ROUTER_FIGURE)
+    text = render_markdown(results, FIGURES, extra_sections, router)
     report = out / 'report.md'
     atomic_write(str(report), lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
     return report

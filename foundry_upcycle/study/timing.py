@@ -1,0 +1,109 @@
+"""Step-time ratio of the two arms, measured so that it means something: both models step on the same synthetic
+batch shape, interleaved (CPT, upcycled, CPT, ...) after a warm-up, in one process with the same thread count;
+the ratio is the median step of one over the median step of the other. The machine's load average is recorded
+before and after, and a measurement taken with more runnable processes than cores is flagged as loaded.
+
+Steps are forward + backward + AdamW on random token ids (weights at their initialisation: step time does not
+depend on the values, except through routing balance, which a fresh router keeps near uniform)."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any, Mapping
+
+WARMUP_STEPS = 3
+ROUNDS = 6
+STEPS_PER_ROUND = 2
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def is_loaded(load_before: list[float] | None, load_after: list[float] | None, cpus: int, threads: int) -> bool:
+    """More runnable work than cores beside our own threads (1-minute load average) before or after."""
+    worst = max((l[0] for l in (load_before, load_after) if l), default=0.0)
+    return worst - threads > 0.5 * cpus or worst > cpus + 0.5
+
+
+def _build(model_cfg: Mapping[str, Any], tokenizer):
+    import copy
+    from llmfoundry.utils.builders import build_composer_model
+    cfg = copy.deepcopy(dict(model_cfg))
+    name = cfg.pop('name')
+    cfg['init_device'] = 'cpu'
+    return build_composer_model(name=name, cfg=cfg, tokenizer=tokenizer)
+
+
+def _step_fn(model, batch_size: int, seq_len: int, vocab: int, seed: int):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    batch = {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': ids.clone()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = model(batch)
+        loss = model.loss(out, batch)
+        loss = loss['total'] if isinstance(loss, dict) else loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, time.process_time() - c0
+    return step
+
+
+def measure_step_times(models: Mapping[str, Mapping[str, Any]], tokenizer_dir: str, batch_size: int, seq_len: int,
+                       threads: int | None = None, warmup: int = WARMUP_STEPS, rounds: int = ROUNDS,
+                       steps_per_round: int = STEPS_PER_ROUND) -> dict[str, Any]:
+    """{'step_time_s': {arm: median}, 'ratio': upcycle / cpt, 'steps': {arm: [...]}, load averages, 'loaded'}.
+
+    models: arm -> foundry model block (e.g. {'cpt': dense, 'upcycle': moe}); the ratio needs both."""
+    import torch
+    from llmfoundry.utils.builders import build_tokenizer
+    before_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        tok = build_tokenizer(tokenizer_dir, {'model_max_length': seq_len})
+        steps = {}
+        for arm, cfg in models.items():
+            torch.manual_seed(0)
+            model = _build(cfg, tok)
+            steps[arm] = _step_fn(model, batch_size, seq_len, int(cfg['vocab_size']), seed=0)
+        load_before = load_average()
+        for arm in steps:
+            for _ in range(warmup):
+                steps[arm]()
+        times: dict[str, list[float]] = {arm: [] for arm in steps}
+        cpu: dict[str, list[float]] = {arm: [] for arm in steps}
+        for _ in range(rounds):
+            for arm in steps:
+                for _ in range(steps_per_round):
+                    wall, c = steps[arm]()
+                    times[arm].append(wall)
+                    cpu[arm].append(c)
+        load_after = load_average()
+        n_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before_threads)
+    medians = {arm: statistics.median(t) for arm, t in times.items()}
+    cpu_medians = {arm: statistics.median(t) for arm, t in cpu.items()}
+    cpus = os.cpu_count() or 1
+    return {
+        'step_time_s': medians,
+        'ratio': medians['upcycle'] / medians['cpt'] if {'cpt', 'upcycle'} <= set(medians) else None,
+        'steps_s': {arm: [round(x, 5) for x in t] for arm, t in times.items()},
+        # CPU time of this process per step: with 1 thread, close to an idle machine's wall time even under load
+        'cpu_step_time_s': cpu_medians,
+        'method': f'{warmup} warm-up steps each, then {rounds} interleaved rounds of {steps_per_round} steps per arm; '
+                  f'median; batch {batch_size} x {seq_len} tokens, {n_threads} torch threads',
+        'load_average_before': load_before, 'load_average_after': load_after, 'cpu_count': cpus,
+        'threads': n_threads, 'loaded': is_loaded(load_before, load_after, cpus, n_threads),
+    }
