@@ -242,10 +242,12 @@ class FakeAsyncEngine:
 
 
 def test_continuous_mode_is_bounded_and_counts_what_is_still_queued():
-    wl = I.Workload(input_tokens=4, output_tokens=5, num_requests=400, batch_sizes=(), rates=(100.0,),
+    wl = I.Workload(input_tokens=4, output_tokens=5, num_requests=400, batch_sizes=(), rates=(300.0,),
                     online_max_seconds=0.5, drain_seconds=0.2)
-    engine = FakeAsyncEngine(slots=4, step=0.01)  # serves at most ~80 requests/s: 100/s saturates it
-    run = asyncio.run(MO.run_continuous(engine, MO.PromptStream(100, 4, 0), 100.0, wl, seed=0))
+    # serves at most ~80 requests/s: 300/s leaves a backlog of ~100 that the 0.2 s drain cannot clear (at 100/s the
+    # backlog was small enough to drain on an idle machine, so the test was flaky)
+    engine = FakeAsyncEngine(slots=4, step=0.01)
+    run = asyncio.run(MO.run_continuous(engine, MO.PromptStream(100, 4, 0), 300.0, wl, seed=0))
     sent = 400 - run['num_not_sent']
     assert 0 < sent < 400 and run['num_served'] + run['num_unfinished'] == sent == len(run['requests'])
     assert run['num_unfinished'] > 0 and len(engine.aborted) == run['num_unfinished']

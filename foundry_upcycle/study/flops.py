@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from foundry_upcycle.shapes import ParamCount
+
 # llmfoundry.models.mpt.MPTConfig defaults (and models/utils/config_defaults.py).
 MPT_DEFAULTS: dict[str, Any] = {
     'd_model': 2048,
@@ -35,29 +37,13 @@ MOE_MATRICES = {'mlp': 2, 'glu': 3}
 
 
 @dataclass(frozen=True)
-class ParamBreakdown:
-    """Parameter counts of one MPT config, split the way the FLOP formula needs them."""
-    embedding: int          # wte (+ wpe when learned positions are used)
-    lm_head: int            # untied head's parameters; 0 when tied to wte
-    head_matmul: int        # V * D: the LM head's multiply-adds per token, tied or not
-    per_layer_shared: int   # norms, attention, router and anything not replicated per expert
-    per_expert: int         # one expert's FFN parameters (the whole dense FFN when not an MoE)
-    num_experts: int        # 1 for a dense FFN
-    top_k: int              # 1 for a dense FFN
-    n_layers: int
-    final_norm: int
-    attn_width: int         # n_heads * head_dim
-    vocab_size: int
-    d_model: int
-
-    @property
-    def total(self) -> int:
-        per_layer = self.per_layer_shared + self.num_experts * self.per_expert
-        return self.embedding + self.lm_head + self.n_layers * per_layer + self.final_norm
-
-    @property
-    def active(self) -> int:
-        return self.total - self.n_layers * (self.num_experts - self.top_k) * self.per_expert
+class ParamBreakdown(ParamCount):
+    """Parameter counts of one MPT config (`total`/`active` from the project's one counter), plus what the FLOP
+    formula needs besides them. `embedding` includes wpe when learned positions are used."""
+    head_matmul: int = 0    # V * D: the LM head's multiply-adds per token, tied or not
+    attn_width: int = 0     # n_heads * head_dim
+    vocab_size: int = 0
+    d_model: int = 0
 
     @property
     def active_non_embedding(self) -> int:
@@ -185,11 +171,8 @@ def param_breakdown(model_cfg: Mapping[str, Any]) -> ParamBreakdown:
 def param_counts(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
     """(total, active) parameters; they differ only for an MoE (active counts top_k experts per layer).
     Counted by the project's one counter, `foundry_upcycle.shapes.ParamCount`."""
-    from foundry_upcycle.shapes import ParamCount
     b = param_breakdown(model_cfg)
-    count = ParamCount(b.embedding, b.lm_head, b.per_layer_shared, b.per_expert, b.num_experts, b.top_k, b.n_layers,
-                       b.final_norm)
-    return count.total, count.active
+    return b.total, b.active
 
 
 def train_flops_per_token(model_cfg: Mapping[str, Any], seq_len: int) -> float:
