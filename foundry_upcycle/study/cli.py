@@ -69,6 +69,8 @@ def register(subparsers) -> None:
     g.add_argument('--skip-inference', action='store_true', help='no HF export, inference benchmark or cost report')
     p.add_argument('--threads', type=int, help='torch CPU threads (default 1: reproducible, and fastest on a shared '
                    'machine)')
+    p.add_argument('--jobs', type=int, help='phase-2 runs trained at once in worker processes (default: one per '
+                   'free core on a CPU-only tiny study; the results do not depend on it)')
     p.add_argument('--no-timing', action='store_true', help='skip the interleaved step-time measurement')
     p.add_argument('--no-progress', action='store_true', help='no per-stage lines or progress bars')
     p.set_defaults(func=handler)
@@ -78,7 +80,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The config keys the flags set (only flags given on the command line)."""
     out: dict[str, Any] = {}
     for flag in ('out', 'scale', 'budgets', 'seed', 'pretrain_steps', 'mds_dir', 'generic_mds_dir', 'tokenizer',
-                 'dense_checkpoint', 'pretrain_tokens', 'nproc', 'threads', 'seeds', 'seeds_other', 'lr',
+                 'dense_checkpoint', 'pretrain_tokens', 'nproc', 'threads', 'jobs', 'seeds', 'seeds_other', 'lr',
                  'upcycle_lr', 'lr_sweep', 'pretrain_tokens_per_param'):
         if getattr(args, flag) is not None:
             out[flag] = getattr(args, flag)

