@@ -472,11 +472,15 @@ def _timing_lines(results: Mapping[str, Any]) -> list[str]:
     text = (f'Measured step-time ratio, upcycled / CPT: **{t["ratio"]:.2f}** (median step '
             f'{1000 * t["step_time_s"]["upcycle"]:.0f} ms vs {1000 * t["step_time_s"]["cpt"]:.0f} ms; '
             f'{t.get("method", "")}) against a FLOP ratio of {_f(fr, ".2f")}. Load average (1/5/15 min) before '
-            f'{load[0]}, after {load[1]}, on {t.get("cpu_count")} CPUs.')
+            f'{load[0]}, after {load[1]}, on {t.get("cpu_count")} CPUs' +
+            (f'; this process had {100 * t["cpu_share"]:.0f}% of a core while stepping.' if t.get('cpu_share')
+             is not None else '.'))
     if t.get('loaded'):
-        text += (' **The machine was loaded while this was measured** (more runnable work than cores beside '
-                 'this process): the absolute times are pessimistic and the ratio is less reliable.')
-    return [text, '', 'Per-run throughput (tokens/s, mean over seeds; wall-clock, same machine): ' + ', '.join(
+        text += (' **The machine was loaded while this was measured** (other work took this process\'s core): '
+                 'the absolute times are pessimistic and the ratio is less reliable.')
+    jobs = (results.get('wall_clock') or {}).get('jobs') or 1
+    where = f'trained {jobs} at a time' if jobs > 1 else 'same machine'
+    return [text, '', f'Per-run throughput (tokens/s, mean over seeds; wall-clock, {where}): ' + ', '.join(
         f'{LABEL[a["arm"]]} @ {a["budget"]:g}: {_f(a.get("tokens_per_s"), ",.0f")}' for a in results['arms']) + '.']
 
 

@@ -1,7 +1,10 @@
 """Step-time ratio of the two arms, measured so that it means something: both models step on the same synthetic
 batch shape, interleaved (CPT, upcycled, CPT, ...) after a warm-up, in one process with the same thread count;
 the ratio is the median step of one over the median step of the other. The machine's load average is recorded
-before and after, and a measurement taken with more runnable processes than cores is flagged as loaded.
+before and after. A measurement is flagged as loaded when, with one torch thread, this process got less than
+`MIN_CPU_SHARE` of the wall time on a core while it stepped (other work took its core); with more threads, when the
+1-minute load average showed more runnable work than cores. The load average lags by about a minute, so right after
+the study's own training runs it still reads high although nothing else runs: the CPU share is the direct test.
 
 Steps are forward + backward + AdamW on random token ids (weights at their initialisation: step time does not
 depend on the values, except through routing balance, which a fresh router keeps near uniform)."""
@@ -15,6 +18,7 @@ from typing import Any, Mapping
 WARMUP_STEPS = 3
 ROUNDS = 6
 STEPS_PER_ROUND = 2
+MIN_CPU_SHARE = 0.85
 
 
 def load_average() -> list[float] | None:
@@ -24,8 +28,12 @@ def load_average() -> list[float] | None:
         return None
 
 
-def is_loaded(load_before: list[float] | None, load_after: list[float] | None, cpus: int, threads: int) -> bool:
-    """More runnable work than cores beside our own threads (1-minute load average) before or after."""
+def is_loaded(load_before: list[float] | None, load_after: list[float] | None, cpus: int, threads: int,
+              cpu_share: float | None = None) -> bool:
+    """One thread: it got less than MIN_CPU_SHARE of the wall time on a core. Otherwise: more runnable work than
+    cores beside our own threads (1-minute load average) before or after."""
+    if threads == 1 and cpu_share is not None:
+        return cpu_share < MIN_CPU_SHARE
     worst = max((l[0] for l in (load_before, load_after) if l), default=0.0)
     return worst - threads > 0.5 * cpus or worst > cpus + 0.5
 
@@ -96,6 +104,7 @@ def measure_step_times(models: Mapping[str, Mapping[str, Any]], tokenizer_dir: s
     medians = {arm: statistics.median(t) for arm, t in times.items()}
     cpu_medians = {arm: statistics.median(t) for arm, t in cpu.items()}
     cpus = os.cpu_count() or 1
+    share = sum(sum(c) for c in cpu.values()) / max(1e-9, sum(sum(t) for t in times.values()))
     return {
         'step_time_s': medians,
         'ratio': medians['upcycle'] / medians['cpt'] if {'cpt', 'upcycle'} <= set(medians) else None,
@@ -105,5 +114,6 @@ def measure_step_times(models: Mapping[str, Mapping[str, Any]], tokenizer_dir: s
         'method': f'{warmup} warm-up steps each, then {rounds} interleaved rounds of {steps_per_round} steps per arm; '
                   f'median; batch {batch_size} x {seq_len} tokens, {n_threads} torch threads',
         'load_average_before': load_before, 'load_average_after': load_after, 'cpu_count': cpus,
-        'threads': n_threads, 'loaded': is_loaded(load_before, load_after, cpus, n_threads),
+        'threads': n_threads, 'cpu_share': round(share, 3),
+        'loaded': is_loaded(load_before, load_after, cpus, n_threads, share),
     }

@@ -18,7 +18,7 @@ import logging
 import multiprocessing
 import os
 import tempfile
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable, Optional, Sequence
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def train_in_workers(cfg: Any, keys: Sequence[RunKey], jobs: int, threads: Optio
         pending: set[Future] = {pool.submit(_train, key, evaluate) for key in keys}
         try:
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
                     key, seconds = f.result()
                     done(key, seconds)
