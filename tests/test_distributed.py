@@ -93,11 +93,7 @@ def _params(out: Path, name: str) -> dict[str, torch.Tensor]:
     return torch.load(out / f'{name}.params.pt', weights_only=True)
 
 
-DEFECT_1 = pytest.mark.xfail(strict=False, reason='issue 8 defect 1 (model.py, fixed by the core helper): under '
-                              'activation checkpointing the router losses may not reach the router gradient')
-
-
-@pytest.mark.parametrize('mode', [pytest.param(m, marks=DEFECT_1) if 'act_ckpt' in m else m for m in TRAINED])
+@pytest.mark.parametrize('mode', TRAINED)   # incl. activation checkpointing (issue 8 defect 1, fixed)
 def test_two_processes_match_one(runs, mode):
     """Step-0 eval CE (< 1e-5), per-step language loss and LBL, and every parameter after 2 optimizer steps."""
     out, results = runs

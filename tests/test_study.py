@@ -306,9 +306,11 @@ CPU_OVERRIDES = ('precision=fp32', 'fsdp_config=null', 'device_train_microbatch_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('scale', ['436m', '1.4b'])
+@pytest.mark.parametrize('scale', ['436m'])
 def test_paper_scale_study_trains_two_steps_on_cpu(scale, corpus, tmp_path):
-    """The 436m / 1.4b recipes, overridden to CPU settings and one layer, through the whole study."""
+    """The 436m recipes, overridden to CPU settings and one layer, through the whole study. The 1.4b recipes take
+    the same path with wider layers (2 min more of CPU for no new code); test_paper_shapes_build_at_full_size
+    builds them at their full shapes."""
     from transformers import AutoTokenizer
     vocab = 64 * math.ceil(len(AutoTokenizer.from_pretrained(str(corpus['tokenizer']))) / 64)
     dense = _cpu_dense_checkpoint(scale, vocab, tmp_path / 'dense.pt')

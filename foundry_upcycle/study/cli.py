@@ -6,7 +6,7 @@ from typing import Any
 
 EPILOG = """\
 examples:
-  foundry-upcycle study --out runs/default                   # the built-in CPU study (paper regime, ~15-20 min)
+  foundry-upcycle study --out runs/default                   # the built-in CPU study (paper regime, ~15 min on 2 cores)
   foundry-upcycle study --lr-sweep 5e-4,1e-3,2e-3,2.8e-3     # pick each arm's lr by a sweep at the smallest budget
   foundry-upcycle study --pretrain-tokens-per-param 16,64    # two bases: upcycling's gain vs pretraining length
   foundry-upcycle study --router-weights softmax             # ablation: He et al.'s router for the upcycled arm
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument('--scale', choices=('tiny', '436m', '1.4b'),
                    help='tiny: the built-in CPU study; 436m / 1.4b: the paper\'s shapes on your MDS data (GPU)')
     p.add_argument('--budgets', help='training budgets as fractions of the dense pretraining FLOPs, comma-separated '
-                   '(default 0.1,0.2,0.4,0.8,1.0, the paper\'s)')
+                   '(default 0.1,0.2,0.4; the paper\'s: 0.1,0.2,0.4,0.8,1.0)')
     p.add_argument('--seed', type=int, help='training seed (default 17)')
     p.add_argument('--pretrain-steps', type=int, help='dense pretraining steps of the tiny base (default 850: 64 '
                    'tokens per parameter)')
