@@ -303,10 +303,14 @@ class Study:
 
     def jobs(self) -> int:
         """Phase-2 runs trained at once: cfg.jobs, else one per free core (at cfg.threads each) on a CPU-only tiny
-        study, at most 8; always 1 when a run uses several processes or a GPU."""
+        study, at most 8; always 1 when a run uses several processes (Composer's launcher), or a GPU by default."""
+        if (self.nproc or 1) > 1:
+            if (self.cfg.jobs or 1) > 1:
+                log.warning('jobs %d ignored: each run already uses %d processes', self.cfg.jobs, self.nproc)
+            return 1
         if self.cfg.jobs is not None:
             return self.cfg.jobs
-        if self.cfg.scale != 'tiny' or (self.nproc or 1) > 1 or training.visible_gpus():
+        if self.cfg.scale != 'tiny' or training.visible_gpus():
             return 1
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
         return max(1, min(8, cores // (self.cfg.threads or cores)))
@@ -320,7 +324,7 @@ class Study:
         if jobs <= 1 or len(todo) < 2:
             return
         todo.sort(key=lambda k: -k[1])   # the longest first (a run's FLOPs grow with its budget): shortest makespan
-        from foundry_upcycle.study.workers import train_in_workers
+        from foundry_upcycle.study.workers import EVAL_CE, EVAL_FULL, train_in_workers
         self.progress.say(f'training {len(todo)} phase-2 run(s), {min(jobs, len(todo))} at a time in worker '
                           f'processes ({self.cfg.threads or "default"} torch thread(s) each)')
 
@@ -330,7 +334,6 @@ class Study:
             self.stages.ran_in_workers.update({f'arms/{name}', f'{"eval" if icl else "eval-ce"}/{name}'})
             self.progress.say(f'  {"CPT" if arm == "cpt" else "upcycling"} @ budget {budget:g}, seed {seed_index}: '
                               f'done in {seconds:.0f}s')
-        from foundry_upcycle.study.workers import EVAL_CE, EVAL_FULL
         train_in_workers(self.cfg, todo, min(jobs, len(todo)), self.cfg.threads, EVAL_FULL if icl else EVAL_CE, done)
 
     def _eval_session(self, icl: bool = True):
