@@ -453,31 +453,41 @@ def collect_documents(cfg: DataConfig, progress: bool = True) -> dict[str, dict[
         generic, spare_plays = split_source(_shakespeare_source(texts), _share(cfg.generic_val_chars, 1 - code_share),
                                             _share(cfg.generic_train_chars, 1 - code_share), cfg.seed)
     code = _stdlib_source() if code_share > 0 or not cfg.domain_dir else None
-    domain: dict[str, list[Document]] = {'val': [], 'train': []}
     if cfg.domain_dir:
         domain = _split_user_dir(cfg, 'domain')
     else:
-        parts = [(lambda: code, cfg.code_fraction), (lambda: _prose_source(texts, spare_plays), 1 - cfg.code_fraction)]
-        for i, (make, share) in enumerate(parts):
-            if share <= 0:
-                continue
-            part, left = split_source(make(), _share(cfg.domain_val_chars, share),
-                                      _share(cfg.domain_train_chars, share), cfg.seed)
-            if i == 0:      # the generic corpus's code comes from the files the domain left unused
-                code = dataclasses.replace(code, what=f'{code.what}, files unused by the domain',
-                                           key='stdlib:generic', groups=left)
-            for split in SPLITS:
-                domain[split] += part[split]
+        domain, (unused_code, _) = _mix(
+            [(lambda: code, cfg.code_fraction), (lambda: _prose_source(texts, spare_plays), 1 - cfg.code_fraction)],
+            cfg.domain_val_chars, cfg.domain_train_chars, cfg.seed, 'domain')
+        if unused_code is not None:     # the generic corpus's code comes from the files the domain left unused
+            code = dataclasses.replace(code, what=f'{code.what}, files unused by the domain',
+                                       key='stdlib:generic', groups=unused_code)
     if code_share > 0:
         part, _ = split_source(code, _share(cfg.generic_val_chars, code_share),
                                _share(cfg.generic_train_chars, code_share), cfg.seed)
         for split in SPLITS:
             generic[split] = generic[split] + part[split]
             random.Random(f'{cfg.seed}:generic:{split}').shuffle(generic[split])
-    if not cfg.domain_dir:
-        for split in SPLITS:       # interleave code and prose so neither sits in one block of the stream
-            random.Random(f'{cfg.seed}:domain:{split}').shuffle(domain[split])
     return {'generic': generic, 'domain': domain}
+
+
+def _mix(parts: Sequence[tuple[Callable[[], _Source], float]], val_chars: int, train_chars: int, seed: int,
+         corpus: str) -> tuple[dict[str, list[Document]], list[Optional[list[tuple[Path, ...]]]]]:
+    """Each source's `share` of the character budgets, interleaved by a seeded shuffle so that no source sits in one
+    block of the stream; and each source's unused groups (None for a source with no share, never built)."""
+    docs: dict[str, list[Document]] = {'val': [], 'train': []}
+    unused: list[Optional[list[tuple[Path, ...]]]] = []
+    for make, share in parts:
+        if share <= 0:
+            unused.append(None)
+            continue
+        part, left = split_source(make(), _share(val_chars, share), _share(train_chars, share), seed)
+        unused.append(left)
+        for split in SPLITS:
+            docs[split] += part[split]
+    for split in SPLITS:
+        random.Random(f'{seed}:{corpus}:{split}').shuffle(docs[split])
+    return docs, unused
 
 
 def _share(chars: int, share: float) -> int:

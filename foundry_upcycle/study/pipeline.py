@@ -324,7 +324,7 @@ class Study:
         if jobs <= 1 or len(todo) < 2:
             return
         todo.sort(key=lambda k: -k[1])   # the longest first (a run's FLOPs grow with its budget): shortest makespan
-        from foundry_upcycle.study.workers import EVAL_CE, EVAL_FULL, train_in_workers
+        from foundry_upcycle.study.workers import train_in_workers
         self.progress.say(f'training {len(todo)} phase-2 run(s), {min(jobs, len(todo))} at a time in worker '
                           f'processes ({self.cfg.threads or "default"} torch thread(s) each)')
 
@@ -334,7 +334,7 @@ class Study:
             self.stages.ran_in_workers.update({f'arms/{name}', f'{"eval" if icl else "eval-ce"}/{name}'})
             self.progress.say(f'  {"CPT" if arm == "cpt" else "upcycling"} @ budget {budget:g}, seed {seed_index}: '
                               f'done in {seconds:.0f}s')
-        train_in_workers(self.cfg, todo, min(jobs, len(todo)), self.cfg.threads, EVAL_FULL if icl else EVAL_CE, done)
+        train_in_workers(self.cfg, todo, min(jobs, len(todo)), icl, done)
 
     def _eval_session(self, icl: bool = True):
         if icl not in self._sessions:

@@ -71,9 +71,10 @@ class Stages:
 
     def done(self, name: str, inputs: Mapping[str, Any]) -> bool:
         """Stage `name` is finished with these inputs (run() would skip it)."""
-        meta = self.read(name)
-        return (meta is not None and meta.get('hash') == _hash(name, inputs)
-                and _outputs_present(self.out / name, meta['outputs']))
+        return self._finished(name, _hash(name, inputs), self.read(name))
+
+    def _finished(self, name: str, h: str, meta: Optional[dict[str, Any]]) -> bool:
+        return meta is not None and meta.get('hash') == h and _outputs_present(self.out / name, meta['outputs'])
 
     def run(self, name: str, inputs: Mapping[str, Any], fn: Callable[[Path], dict[str, Any]], what: str,
             resumable: bool = False) -> StageResult:
@@ -81,7 +82,7 @@ class Stages:
         final = self.out / name
         h = _hash(name, inputs)
         meta = self.read(name)
-        if self.done(name, inputs):
+        if self._finished(name, h, meta):
             seconds = meta.get('seconds', 0.0)
             if name in self.ran_in_workers:
                 self.progress.stage(f'{what}: done in a worker process in {seconds:.0f}s')

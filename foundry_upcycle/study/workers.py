@@ -19,12 +19,9 @@ import multiprocessing
 import os
 import tempfile
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import Any, Callable, Optional, Sequence
-
-log = logging.getLogger(__name__)
+from typing import Any, Callable, Sequence
 
 RunKey = tuple[str, float, int, float]          # (arm, budget, seed index, lr)
-EVAL_NONE, EVAL_CE, EVAL_FULL = 'none', 'ce', 'full'    # what a worker evaluates after training a run
 _LOCK_PATH = os.path.join(tempfile.gettempdir(), 'foundry-upcycle-streaming-prefix.lock')
 _study = None                                    # the worker's Study (set by _init)
 _dense = None
@@ -49,12 +46,12 @@ def serialize_streaming_prefix() -> None:
     sd.get_shm_prefix = locked
 
 
-def _init(cfg: Any, threads: Optional[int]) -> None:
+def _init(cfg: Any) -> None:
     """Worker start: the same Study over the same out folder, its data and dense base already built."""
     global _study, _dense
     import torch
-    if threads:
-        torch.set_num_threads(threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     logging.basicConfig(level=logging.WARNING)
     for noisy in ('composer', 'streaming', 'llmfoundry'):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -71,24 +68,23 @@ def _init(cfg: Any, threads: Optional[int]) -> None:
     _study = study
 
 
-def _train(key: RunKey, evaluate: str = EVAL_NONE) -> tuple[RunKey, float]:
+def _train(key: RunKey, icl: bool) -> tuple[RunKey, float]:
     from foundry_upcycle.study.pipeline import run_name
     arm, budget, seed_index, lr = key
     stage = _study.stage_arm(arm, budget, _dense, seed_index, lr)
-    if evaluate != EVAL_NONE:
-        _study.stage_eval(run_name(arm, budget, lr, seed_index), stage, icl=evaluate == EVAL_FULL)
+    _study.stage_eval(run_name(arm, budget, lr, seed_index), stage, icl=icl)
     return key, stage.seconds
 
 
-def train_in_workers(cfg: Any, keys: Sequence[RunKey], jobs: int, threads: Optional[int], evaluate: str,
+def train_in_workers(cfg: Any, keys: Sequence[RunKey], jobs: int, icl: bool,
                      done: Callable[[RunKey, float], None]) -> None:
-    """Trains `keys` in `jobs` worker processes (spawned: no state shared with this one), each run followed by
-    its evaluation (`evaluate`: none, ce or full, as the main process would run it); `done(key, seconds)` after
-    each. The first failure cancels the queued runs and is raised here."""
+    """Trains `keys` in `jobs` worker processes (spawned: no state shared with this one, cfg.threads torch threads
+    each), each run followed by its evaluation as the main process would run it (with the gauntlet if `icl`);
+    `done(key, seconds)` after each. The first failure cancels the queued runs and is raised here."""
     ctx = multiprocessing.get_context('spawn')
     quiet = cfg.replace(progress=False)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init, initargs=(quiet, threads)) as pool:
-        pending: set[Future] = {pool.submit(_train, key, evaluate) for key in keys}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init, initargs=(quiet,)) as pool:
+        pending: set[Future] = {pool.submit(_train, key, icl) for key in keys}
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
