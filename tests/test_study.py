@@ -161,6 +161,8 @@ def test_reduced_study_end_to_end(text_dirs, tmp_path, monkeypatch):
     ({'scale': '436m'}, r"scale 436m: \['mds_dir', 'tokenizer', 'dense_checkpoint'\] must be given"),
     ({'upcycle': {'top_k': 9}}, r'upcycle.top_k'),
     ({'model': {'expansion_ratio': 2.3}}, r'expansion_ratio must be an integer'),
+    ({'jobs': 0}, r'jobs must be a positive integer, got 0'),
+    ({'data': {'generic_code_fraction': 1.5}}, r'data.generic_code_fraction must be a number in \[0, 0.9\]'),
 ])
 def test_bad_input_is_refused_before_any_training(text_dirs, tmp_path, changes, match):
     out = tmp_path / 'out'
