@@ -18,7 +18,7 @@ import torch
 def build(d_model: int, ffn: int, experts: int, top_k: int):
     from llmfoundry.models.layers.ffn import build_mptglu, build_torch_dmoe
 
-    from foundry_upcycle.upcycle import DenseFFN, moe_ffn_tensors
+    from foundry_upcycle.upcycle import UpcycleWeights, ffn_moe_tensors
     torch.manual_seed(0)
     act = {'name': 'silu'}
     dense = build_mptglu(d_model, 0, ffn_hidden_size=ffn, ffn_act_fn=act, bias=False,
@@ -27,8 +27,7 @@ def build(d_model: int, ffn: int, experts: int, top_k: int):
                            moe_top_k=top_k, mlp_type='glu', moe_jitter_eps=None, moe_normalize_expert_weights=1,
                            uniform_expert_assignment=False)
     sd = dense.state_dict()
-    ffn_w = DenseFFN(up=sd['up_proj.weight'], down=sd['down_proj.weight'], gate=sd['gate_proj.weight'])
-    moe.load_state_dict(moe_ffn_tensors(ffn_w, experts, 0.02, torch.Generator().manual_seed(0)))
+    moe.load_state_dict(ffn_moe_tensors(sd, UpcycleWeights(num_experts=experts)))
     return dense, moe
 
 

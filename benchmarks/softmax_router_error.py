@@ -34,7 +34,7 @@ def layer_check(d_model=64, ffn=160, experts=8, top_k=2, std=0.02):
     """max |moe(x) - dense(x) * (E/K) * S| / |dense(x)|, and max relative error moe vs dense, on foundry layers."""
     from llmfoundry.models.layers.dmoe import dMoE
     from llmfoundry.models.layers.ffn import MPTGLU
-    from foundry_upcycle.upcycle import DenseFFN, moe_ffn_tensors
+    from foundry_upcycle.upcycle import ffn_moe_tensors
     torch.manual_seed(0)
     dense = MPTGLU(d_model, ffn / d_model, fc_type={'name': 'torch', 'bias': False}, ffn_hidden_size=ffn,
                    act_fn=torch.nn.SiLU(), device='cpu', bias=False)
@@ -42,9 +42,7 @@ def layer_check(d_model=64, ffn=160, experts=8, top_k=2, std=0.02):
                mlp_type='glu', activation_fn=torch.nn.SiLU(), moe_jitter_eps=None, moe_normalize_expert_weights=None,
                uniform_expert_assignment=False, bias=False)
     ucfg = UpcycleConfig(num_experts=experts, top_k=top_k, router_weights='softmax', router_init_std=std)
-    tensors = moe_ffn_tensors(DenseFFN(up=dense.up_proj.weight, down=dense.down_proj.weight,
-                                       gate=dense.gate_proj.weight), experts, std, torch.Generator().manual_seed(0),
-                              expert_output_scale=ucfg.expert_output_scale)
+    tensors = ffn_moe_tensors({k: v.detach() for k, v in dense.state_dict().items()}, ucfg.weights())
     moe.load_state_dict(tensors, strict=True)
     x = torch.randn(1, 512, d_model)
     with torch.no_grad():

@@ -1,13 +1,15 @@
-"""Registered callback `upcycle_loader`: loads the dense checkpoint into the MoE model at BEFORE_LOAD.
+"""Registered callback `upcycle_loader`: tiles the dense checkpoint into the MoE model at BEFORE_LOAD.
 
 Runs inside Composer's Trainer after FSDP wrapping and before autoresume:
 - With an autoresume checkpoint of the run itself in `save_folder` (found the way Composer looks for it), it does
   nothing: Composer loads that checkpoint next, and reading the dense one would only cost memory.
-- Otherwise rank 0 alone reads the dense checkpoint (weights only, memory-mapped) and builds the MoE tensors; they
-  reach the other ranks one tensor at a time, straight into each rank's (sharded) parameters. No rank gathers the
-  model to read names (names and shapes are recorded at INIT, before wrapping), and no rank but 0 holds more than one
-  full tensor at a time. FSDP1 units are unsharded one at a time (as in a forward pass), FSDP2/DTensor parameters
-  take their local shard.
+- Otherwise rank 0 alone opens the dense checkpoint (`reader.open_source`: weights only, memory-mapped or read
+  tensor by tensor) and plans the upcycled tensors with the model's mapping: `upcycle.mpt_moe_jobs` for
+  `mpt_upcycle_causal_lm` (MegaBlocks layout), `llama_to_mixtral.mixtral_jobs` for `hf_upcycle_causal_lm`
+  (a dense Llama / Mistral directory into a transformers Mixtral). `sharded_load.load_jobs` then streams them: rank 0
+  produces one tensor at a time and every rank receives it straight into its (sharded) parameter. Nothing
+  E-times larger than one dense tensor is held (MegaBlocks' [E*F, D] expert tensors are the largest), nothing is
+  written to disk. Names and shapes are recorded at INIT, before wrapping, so no rank gathers the model to read them.
 - Under `init_device: mixed` (FSDP wrap delayed until after loading) rank 0 loads into its unwrapped model and
   Composer's wrap broadcasts it (`sync_module_states`); the callback never wraps, so an autoresume load cannot wrap twice.
 """
@@ -18,39 +20,52 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Any, Optional
 
-import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from foundry_upcycle.checkpoint_io import load_state_dict
-from foundry_upcycle.upcycle import check_shapes, expert_spread, upcycle_state_dict
+from foundry_upcycle import reader
+from foundry_upcycle.jobs import Job
+from foundry_upcycle.sharded_load import from_rank0, full_param, load_jobs, model_keys
+from foundry_upcycle.upcycle import check_shapes
+from foundry_upcycle.weights import UpcycleWeights, expert_spread
 
 log = logging.getLogger(__name__)
 
 SOURCE_KEYS = 'upcycle.from (or the recipe\'s load_path)'
+# model layout -> (a key every such model has, relative to its prefix)
+_ANCHORS = {'mpt': 'transformer.wte.weight', 'mixtral': 'model.embed_tokens.weight'}
 
 
 class UpcycleLoader(Callback):
+    """source: the dense checkpoint (MPT: Composer .pt / torch / safetensors file; HF: a model directory).
+    weights: `weights.UpcycleWeights` fields (num_experts, router_init_std, seed, expert_noise_std, ...)."""
 
-    def __init__(self, source: str, num_experts: int, router_init_std: float = 0.02, seed: int = 0,
-                 expert_noise_std: float = 0.0, expert_output_scale: float = 1.0, autoresume: bool = False):
+    def __init__(self, source: str, autoresume: bool = False, **weights: Any):
         self.source = source
-        self.num_experts = num_experts
-        self.router_init_std = router_init_std
-        self.seed = seed
-        self.expert_noise_std = expert_noise_std
-        self.expert_output_scale = expert_output_scale
+        self.opts = UpcycleWeights.from_mapping(weights, 'callbacks.upcycle_loader')
         self.autoresume = autoresume
         self.fresh_after_load: bool | None = None  # set at AFTER_LOAD: True = fresh copies, False = resumed/trained
         self.report: dict = {}  # what BEFORE_LOAD did, for logs and tests
         self._expected: Optional[dict[str, tuple[int, ...]]] = None
+        self._layout: Optional[str] = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.opts.num_experts
 
     def init(self, state: State, logger: Logger) -> None:
         # Before any wrapping: the model's state-dict names and shapes (meta tensors are fine), read without gathering.
-        self._expected = {k: tuple(v.shape) for k, v in state.model.state_dict().items()}
+        self._expected = model_keys(state.model)
+        if any(k.endswith('ffn.experts.mlp.w1') for k in self._expected):
+            self._layout = 'mpt'
+        elif any('.block_sparse_moe.' in k for k in self._expected):
+            self._layout = 'mixtral'
+        else:
+            raise ValueError('callbacks.upcycle_loader: the model has no MoE layer to upcycle into '
+                             '(expected mpt_upcycle_causal_lm or hf_upcycle_causal_lm)')
 
     def before_load(self, state: State, logger: Logger) -> None:
         assert self._expected is not None, 'Event.INIT did not reach the upcycle_loader callback'
@@ -60,28 +75,25 @@ class UpcycleLoader(Callback):
             log.info('upcycle: autoresume checkpoint %s found; skipping the dense load (Composer loads the run\'s own '
                      'checkpoint next)', resume)
             return
-        moe, error = None, None
-        if dist.get_global_rank() == 0:
-            try:
-                moe = self._moe_state_dict()
-            except ValueError as e:
-                error = str(e)
-        error = _from_rank0(error)
-        if error is not None:
-            raise ValueError(error)
         delayed_wrap = state.load_monolith_rank0_only and not state.fsdp_enabled  # init_device: mixed
-        if delayed_wrap:
-            if moe is not None:  # rank 0; the others are on meta and receive the weights when Composer wraps
-                state.model.load_state_dict(moe, strict=True)
-        else:
-            loaded = _broadcast_into(state.model, moe, self._expected)
+        with contextlib.ExitStack() as stack:  # keeps a downloaded copy until the load is done
+            jobs, error = None, None
+            if dist.get_global_rank() == 0:
+                try:
+                    jobs = self._plan(stack)
+                except ValueError as e:
+                    error = str(e)
+            error = from_rank0(error)
+            if error is not None:
+                raise ValueError(error)
+            loaded = load_jobs(state.model, jobs, self._expected, broadcast=not delayed_wrap)
+        if not delayed_wrap or dist.get_global_rank() == 0:
             assert loaded == set(self._expected), sorted(set(self._expected) ^ loaded)[:5]
-        self.report = {'action': 'upcycled', 'delayed_wrap': delayed_wrap}
+        self.report = {'action': 'upcycled', 'delayed_wrap': delayed_wrap, 'layout': self._layout}
         log.info('upcycle: loaded %s into %d experts per block', self.source, self.num_experts)
 
     def after_load(self, state: State, logger: Logger) -> None:
-        with _full_param(state.model, 'ffn.experts.mlp.w1') as w1:
-            spread = expert_spread(w1, self.num_experts)
+        spread = self._expert_spread(state.model)
         self.fresh_after_load = spread == 0.0
         self.report['fresh_after_load'] = self.fresh_after_load
         what = 'identical copies of the dense FFN' if self.fresh_after_load else 'distinct (trained weights)'
@@ -89,27 +101,48 @@ class UpcycleLoader(Callback):
                  int(state.timestamp.batch), what, spread)
         logger.log_hyperparameters({'upcycle/fresh_experts_after_load': self.fresh_after_load})
 
-    def _moe_state_dict(self) -> dict[str, torch.Tensor]:
-        """Rank 0: the dense checkpoint, upcycled and checked against the model. ValueErrors name the file."""
-        assert self._expected is not None
-        dense = _match_prefix(self._read_dense(), next(iter(self._expected)))
-        try:
-            moe = upcycle_state_dict(dense, self.num_experts, self.router_init_std, self.seed, self.expert_noise_std,
-                                     self.expert_output_scale)
-        except ValueError as e:
-            raise ValueError(f'{SOURCE_KEYS} {self.source}: {e}') from None
-        check_shapes(moe, self._expected, f'{SOURCE_KEYS} {self.source}')
-        return moe
+    def _expert_spread(self, model) -> float:
+        if self._layout == 'mpt':
+            with full_param(model, 'ffn.experts.mlp.w1') as w1:
+                return expert_spread(w1, self.num_experts)
+        spread = 0.0
+        with full_param(model, '.layers.0.block_sparse_moe.experts.0.w1.weight') as first:
+            for e in range(1, self.num_experts):
+                with full_param(model, f'.layers.0.block_sparse_moe.experts.{e}.w1.weight') as other:
+                    spread = max(spread, (other - first).abs().max().item())
+        return spread
 
-    def _read_dense(self) -> dict[str, torch.Tensor]:
+    def _plan(self, stack: contextlib.ExitStack) -> list[Job]:
+        """Rank 0: the upcycled tensors as jobs over the dense source, checked against the model (no data read
+        yet). ValueErrors name the key and the file."""
+        assert self._expected is not None
+        path = self._local_path(stack)
+        anchor = _ANCHORS[self._layout]
+        key = next((k for k in self._expected if k.endswith(anchor)), None)
+        assert key is not None, f'no {anchor} in the model'
+        prefix = key[:-len(anchor)]
+        source = reader.open_source(path, SOURCE_KEYS)
+        where = f'{SOURCE_KEYS} {self.source}'
+        try:
+            if self._layout == 'mpt':
+                from foundry_upcycle.upcycle import mpt_moe_jobs
+                jobs = mpt_moe_jobs(source, self.opts, out_prefix=prefix)
+            else:
+                from foundry_upcycle.llama_to_mixtral import mixtral_jobs, read_dense_config
+                jobs = mixtral_jobs(source, read_dense_config(path, where), self.opts, out_prefix=prefix, what=where)
+        except ValueError as e:
+            raise ValueError(e if str(e).startswith(where) else f'{where}: {e}') from None
+        check_shapes({s.name: s.shape for job in jobs for s in job.specs}, self._expected, where)
+        return jobs
+
+    def _local_path(self, stack: contextlib.ExitStack) -> str:
         if '://' not in self.source:
-            return load_state_dict(self.source, SOURCE_KEYS, mmap=True)
+            return self.source
         from composer.utils import get_file
-        with tempfile.TemporaryDirectory() as tmp:
-            local = str(Path(tmp) / Path(self.source).name)
-            get_file(self.source, local)
-            # Not mmapped: the temporary file goes away when this block ends.
-            return load_state_dict(local, f'{SOURCE_KEYS} {self.source}')
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        local = str(Path(tmp) / Path(self.source).name)
+        get_file(self.source, local)
+        return local
 
     def _autoresume_checkpoint(self, state: State) -> Optional[str]:
         """The checkpoint Composer's autoresume will load next, as rank 0 sees it (same rule as the Trainer: the
@@ -125,114 +158,4 @@ class UpcycleLoader(Callback):
             folder = format_name_with_dist(saver.folder, state.run_name)
             latest = os.path.join(folder, format_name_with_dist(saver.latest_filename.filename, state.run_name))
             path = os.path.abspath(latest) if os.path.exists(latest) else None
-        return _from_rank0(path)
-
-
-def _from_rank0(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _match_prefix(dense: dict[str, torch.Tensor], model_key: str) -> dict[str, torch.Tensor]:
-    """Adds Composer's `model.` prefix to a bare HF/MPT state dict (e.g. safetensors of MPTForCausalLM)."""
-    if model_key.startswith('model.') and not any(k.startswith('model.') for k in dense):
-        return {f'model.{k}': v for k, v in dense.items()}
-    return dense
-
-
-def _clean(name: str) -> str:
-    """A module/parameter name without FSDP1 and activation-checkpoint wrapper segments."""
-    from torch.distributed.fsdp._common_utils import clean_tensor_name
-    return clean_tensor_name(name)
-
-
-def _fsdp1_units(model: torch.nn.Module) -> list:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    return [m for m in FSDP.fsdp_modules(model) if m._handle is not None]
-
-
-def _destinations(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(state-dict key, writable full-size tensor or DTensor) for every parameter and buffer of `model`.
-
-    FSDP1 units are unsharded one at a time (`summon_full_params(recurse=False, writeback=True)`), so a write into
-    the yielded view lands in every rank's shard when the unit reshards."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    names = {id(m): _clean(n) for n, m in model.named_modules()}
-    seen: set[int] = set()
-    for unit in _fsdp1_units(model):
-        flat = unit._handle.flat_param
-        with FSDP.summon_full_params(unit, recurse=False, writeback=True):
-            for info in flat._param_infos:
-                prefix = names[id(info.module)]
-                tensor = getattr(info.module, info.param_name)
-                yield f'{prefix}.{info.param_name}' if prefix else info.param_name, tensor
-        seen.update(id(info.module) for info in flat._param_infos)
-    flat_params = {id(u._handle.flat_param) for u in _fsdp1_units(model)}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if id(tensor) not in flat_params and '_flat_param' not in name:
-            yield _clean(name), tensor
-
-
-@torch.no_grad()
-def _broadcast_into(model: torch.nn.Module, moe: Optional[Mapping[str, torch.Tensor]],
-                    expected: Mapping[str, tuple[int, ...]]) -> set[str]:
-    """Copies rank 0's `moe` tensors into `model` on every rank; returns the keys written."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    rank0 = dist.get_global_rank() == 0
-    loaded = set()
-    for key, dest in _destinations(model):
-        if key not in expected or key in loaded:
-            continue  # non-persistent buffers; shared (tied) parameters
-        if isinstance(dest, DTensor):
-            full = moe[key].to(dest.device, dest.dtype) if rank0 else torch.empty(
-                dest.shape, dtype=dest.dtype, device=dest.to_local().device)
-            _broadcast(full)
-            local = distribute_tensor(full, dest.device_mesh, dest.placements, src_data_rank=None).to_local()
-            dest.to_local().copy_(local)
-        else:
-            assert tuple(dest.shape) == tuple(expected[key]), (key, tuple(dest.shape), expected[key])
-            if rank0:
-                dest.copy_(moe[key])
-            _broadcast(dest)
-        loaded.add(key)
-    return loaded
-
-
-def _broadcast(tensor: torch.Tensor) -> None:
-    """In-place broadcast from rank 0 (NCCL needs CUDA tensors: CPU ones go through a device copy)."""
-    if dist.get_world_size() == 1:
-        return
-    import torch.distributed as tdist
-    if tdist.get_backend() == 'nccl' and not tensor.is_cuda:
-        staged = tensor.cuda()
-        tdist.broadcast(staged, src=0)
-        tensor.copy_(staged.cpu())
-    elif tensor.is_contiguous():
-        tdist.broadcast(tensor, src=0)
-    else:
-        staged = tensor.contiguous()
-        tdist.broadcast(staged, src=0)
-        tensor.copy_(staged)
-
-
-@contextlib.contextmanager
-def _full_param(model: torch.nn.Module, suffix: str) -> Iterator[torch.Tensor]:
-    """The first parameter whose clean name ends with `suffix`, unsharded (one FSDP1 unit or one DTensor gather)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.tensor import DTensor
-    for unit in _fsdp1_units(model):
-        for info in unit._handle.flat_param._param_infos:
-            if f'{_clean(_module_name(model, info.module))}.{info.param_name}'.endswith(suffix):
-                with FSDP.summon_full_params(unit, recurse=False, writeback=False):
-                    yield getattr(info.module, info.param_name).detach().clone()
-                return
-    for name, param in model.named_parameters():
-        if _clean(name).endswith(suffix):
-            yield param.full_tensor() if isinstance(param, DTensor) else param
-            return
-    raise AssertionError(f'no parameter ending in {suffix}')
-
-
-def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
+        return from_rank0(path)

@@ -1,100 +1,15 @@
-"""Reading model weights from the files a user points us at, without unpickling arbitrary objects.
-
-Formats: a Composer checkpoint (`.pt`, model under `state.model`), a plain `torch.save`d state dict, or
-a `.safetensors` file. Pickles are read with `torch.load(weights_only=True)`; the only non-tensor globals
-allowed are the inert ones Composer writes (timedelta timestamps, numpy RNG state, torch version).
-Imports torch, numpy and safetensors only.
+"""Writing weights-only checkpoints atomically. Reading lives in `reader.py` (the one streamed reader); its
+`load_state_dict` and `require_readable_file` are re-exported here for existing callers.
+Imports torch and safetensors only.
 """
 from __future__ import annotations
 
-import datetime
-import logging
-import os
-import pickle
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import numpy as np
 import torch
 
 from foundry_upcycle.atomic import atomic_write
-
-log = logging.getLogger(__name__)
-
-try:  # numpy >= 2 (numpy.core is a deprecated alias there)
-    from numpy._core.multiarray import _reconstruct
-except ImportError:  # numpy 1.x
-    from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-
-SAFE_COMPOSER_GLOBALS = [
-    datetime.timedelta,
-    np.dtype,
-    np.ndarray,
-    _reconstruct,
-    # numpy 1.x pickles (e.g. Composer's RNG state) name it by its old module; the weights-only unpickler matches names.
-    (_reconstruct, 'numpy.core.multiarray._reconstruct'),
-    (_reconstruct, 'numpy._core.multiarray._reconstruct'),
-    torch.torch_version.TorchVersion,
-] + [type(np.dtype(t)) for t in ('uint32', 'int64', 'float64', 'bool')]
-
-
-def require_readable_file(path: str, what: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ValueError(f'{what}: {path} does not exist')
-    if p.is_dir():
-        raise ValueError(f'{what}: {path} is a directory, expected a checkpoint file (.pt or .safetensors)')
-    if not os.access(p, os.R_OK):
-        raise ValueError(f'{what}: {path} is not readable')
-    return p
-
-
-def load_pickle_safely(path: Path, what: str, mmap: bool = False) -> Any:
-    """`torch.load(weights_only=True)`; with `mmap`, tensors stay on disk until touched (so the optimizer state
-    of a Composer checkpoint is never read into memory). Files in torch's legacy format cannot be mmapped."""
-    try:
-        with torch.serialization.safe_globals(SAFE_COMPOSER_GLOBALS):
-            if mmap and _is_zip_checkpoint(path):
-                return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-            if mmap:
-                log.warning('%s: %s is in torch\'s legacy (non-zip) format and cannot be memory-mapped; reading it whole',
-                            what, path)
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = [line.strip() for line in str(e).splitlines() if 'Unsupported global' in line]
-        if not unsafe:
-            raise ValueError(f'{what}: {path} is not a readable torch checkpoint ({str(e).splitlines()[-1]})') from None
-        raise ValueError(
-            f'{what}: {path} holds objects that are not plain weights; refusing to unpickle them '
-            f'(weights_only=True). Re-save the state dict as safetensors. Detail: {unsafe[0][:200]}',
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f'{what}: {path} is not a readable torch checkpoint ({e})') from None
-
-
-def _is_zip_checkpoint(path: Path) -> bool:
-    import zipfile
-    return zipfile.is_zipfile(path)
-
-
-def load_state_dict(path: str, what: str = 'checkpoint', mmap: bool = False) -> dict[str, torch.Tensor]:
-    """The model state dict stored in `path` (Composer checkpoint, torch state dict or safetensors).
-
-    With `mmap`, a zip-format .pt file's tensors are memory-mapped, so peak memory grows with the tensors actually
-    used, not with the file (optimizer state included); safetensors files hold weights only and are read whole."""
-    p = require_readable_file(path, what)
-    if p.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(p))
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f'{what}: {path} is not a readable safetensors file ({e})') from None
-    obj = load_pickle_safely(p, what, mmap=mmap)
-    if isinstance(obj, Mapping) and isinstance(obj.get('state'), Mapping) and 'model' in obj['state']:
-        obj = obj['state']['model']
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f'{what}: {path} is neither a Composer checkpoint nor a state dict of tensors')
-    return dict(obj)
+from foundry_upcycle.reader import load_pickle_safely, load_state_dict, require_readable_file  # noqa: F401
 
 
 def save_composer_weights(state_dict: Mapping[str, torch.Tensor], path: str,

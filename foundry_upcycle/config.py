@@ -97,6 +97,12 @@ class UpcycleConfig:
         out['from'] = out.pop('source')
         return out
 
+    def weights(self):
+        """The options of the weight math (`weights.UpcycleWeights`): what the loader and the mappings need."""
+        from foundry_upcycle.weights import UpcycleWeights
+        return UpcycleWeights(num_experts=self.num_experts, router_init_std=self.router_init_std, seed=self.seed,
+                              expert_noise_std=self.expert_noise_std, expert_output_scale=self.expert_output_scale)
+
     @property
     def exact(self) -> bool:
         """Whether the freshly upcycled model reproduces the dense model's function (to rounding)."""

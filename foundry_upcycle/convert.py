@@ -1,6 +1,8 @@
 """Offline upcycling: dense checkpoint in, MoE checkpoint out, for users who prefer `load_path:`.
 
-Shares the weight transform with the `upcycle_loader` callback (`upcycle.upcycle_state_dict`).
+The same mapping as the `upcycle_loader` callback (`upcycle.mpt_moe_jobs`) over the same reader. A `.safetensors`
+output is streamed (one tensor in memory at a time); a Composer `.pt` output is one `torch.save` of the whole
+state dict, so it holds the upcycled model in memory.
 """
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from foundry_upcycle.checkpoint_io import load_state_dict, save_composer_weights, save_safetensors
+from foundry_upcycle.checkpoint_io import save_composer_weights
 from foundry_upcycle.config import UpcycleConfig, dense_ffn_shape
-from foundry_upcycle.upcycle import split_ffn_keys, upcycle_state_dict
+from foundry_upcycle.jobs import Job, run_jobs
+from foundry_upcycle.reader import open_source
+from foundry_upcycle.upcycle import mpt_moe_jobs, split_ffn_keys
 
 log = logging.getLogger(__name__)
 
@@ -22,31 +26,34 @@ def convert(source: str, out: str, ucfg: UpcycleConfig, model_cfg: Optional[Mapp
     dest = Path(out)
     if dest.exists() and not overwrite:
         raise ValueError(f'--out {out} already exists; pass --overwrite to replace it')
-    moe = upcycle_state_dict(load_state_dict(source, 'dense checkpoint'), ucfg.num_experts, ucfg.router_init_std,
-                             ucfg.seed, ucfg.expert_noise_std, ucfg.expert_output_scale)
+    jobs = mpt_moe_jobs(open_source(source, 'dense checkpoint'), ucfg.weights())
     if model_cfg is not None:
-        check_against_model_config(moe, model_cfg, ucfg, source)
+        check_against_model_config(jobs, model_cfg, ucfg, source)
     meta = {'foundry_upcycle': {'source': str(source), **ucfg.to_mapping()}}
     if dest.suffix == '.safetensors':
-        save_safetensors(moe, str(dest), {'foundry_upcycle': repr(meta['foundry_upcycle'])})
+        from foundry_upcycle.atomic import atomic_write
+        from foundry_upcycle.export.writer import write_safetensors_stream
+        atomic_write(dest, lambda tmp: write_safetensors_stream(Path(tmp), jobs,
+                                                                {'foundry_upcycle': repr(meta['foundry_upcycle'])}))
     else:
-        save_composer_weights(moe, str(dest), meta)
-    log.info('wrote %s (%d tensors)', dest, len(moe))
+        save_composer_weights(run_jobs(jobs), str(dest), meta)
+    log.info('wrote %s (%d tensors)', dest, sum(len(j.specs) for j in jobs))
     return dest
 
 
-def check_against_model_config(moe: Mapping[str, Any], model_cfg: Mapping[str, Any], ucfg: UpcycleConfig,
+def check_against_model_config(jobs: list[Job], model_cfg: Mapping[str, Any], ucfg: UpcycleConfig,
                                source: str) -> None:
-    """Cheap shape check against a recipe's dense `model:` block, without building the model."""
+    """Cheap shape check against a recipe's dense `model:` block, without building the model or reading weights."""
     _, hidden = dense_ffn_shape(model_cfg)
     d_model, n_layers = model_cfg.get('d_model'), model_cfg.get('n_layers')
-    prefix, blocks = split_ffn_keys(moe)
+    shapes = {s.name: s.shape for job in jobs for s in job.specs}
+    prefix, blocks = split_ffn_keys(shapes)
     if n_layers is not None and len(blocks) != n_layers:
         raise ValueError(f'{source}: {len(blocks)} blocks, but model.n_layers is {n_layers}')
-    w1 = blocks[0]['experts.mlp.w1']
+    w1 = shapes[blocks[0]['experts.mlp.w1']]
     want = (ucfg.num_experts * hidden, d_model)
-    if tuple(w1.shape) != want:
-        raise ValueError(f'{source}: {prefix}0.ffn.experts.mlp.w1 is {tuple(w1.shape)} but the recipe expects {want} '
+    if tuple(w1) != want:
+        raise ValueError(f'{source}: {prefix}0.ffn.experts.mlp.w1 is {tuple(w1)} but the recipe expects {want} '
                          '(check model.d_model and ffn_hidden_size / expansion_ratio)')
 
 

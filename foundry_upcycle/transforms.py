@@ -55,14 +55,9 @@ def expand(cfg: dict[str, Any], ucfg: UpcycleConfig) -> dict[str, Any]:
         raise ValueError(f'callbacks.{LOADER_NAME} is set by the upcycle block; remove it from the recipe')
     callbacks[LOADER_NAME] = {
         'source': source,
-        'num_experts': ucfg.num_experts,
-        'router_init_std': ucfg.router_init_std,
-        'seed': ucfg.seed,
-        'expert_noise_std': ucfg.expert_noise_std,
+        **ucfg.weights().to_mapping(),
         'autoresume': bool(cfg.get('autoresume', False)),  # the loader skips its work when Composer will resume
     }
-    if ucfg.expert_output_scale != 1.0:
-        callbacks[LOADER_NAME]['expert_output_scale'] = ucfg.expert_output_scale
     cfg['callbacks'] = callbacks
     if ucfg.expert_noise_std:
         log.warning('upcycle.expert_noise_std=%s: the upcycled model will not reproduce the dense one at step 0',

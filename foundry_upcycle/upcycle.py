@@ -1,4 +1,7 @@
-"""The weight transform: dense MPT FFN tensors -> MegaBlocks-layout expert tensors. Imports only torch.
+"""The MPT mapping: a dense MPT state dict -> its upcycled MoE (MegaBlocks layout), as a plan of tensor jobs.
+
+Used by the `upcycle_loader` callback (streamed into the training model) and `foundry-upcycle convert` (streamed
+to disk); the weight math is `weights.py`. Imports only torch.
 
 Shapes: D d_model, F ffn_hidden_size, E num_experts.
   dense  ffn.up_proj.weight [F, D], ffn.gate_proj.weight [F, D] (GLU only), ffn.down_proj.weight [D, F]
@@ -9,10 +12,13 @@ This layout is shared by llmfoundry's `torch_dmoe` and megablocks' `mb_dmoe` (no
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
 import torch
+
+from foundry_upcycle.jobs import Job, MemorySource, TensorSpec, run_jobs
+from foundry_upcycle.weights import (UpcycleWeights, expert_copies, expert_spread, expert_tensor,  # noqa: F401
+                                     router_weight)
 
 # The GLU matrices under their three names. Llama/Mistral dense MLP -> Mixtral expert: gate_proj [F, D] -> w1,
 # up_proj [F, D] -> w3, down_proj [D, F] -> w2. MegaBlocks / torch_dmoe expert tensor -> dense matrix:
@@ -25,26 +31,14 @@ _DENSE_PARAMS = ('up_proj.weight', 'gate_proj.weight', 'down_proj.weight')
 _MOE_MARKERS = ('router.layer.weight', 'experts.mlp.w1')
 
 
-@dataclass(frozen=True)
-class DenseFFN:
-    """One block's dense FFN tensors."""
-    up: torch.Tensor          # [F, D]
-    down: torch.Tensor        # [D, F]
-    gate: Optional[torch.Tensor] = None  # [F, D], GLU only
-
-    @property
-    def glu(self) -> bool:
-        return self.gate is not None
-
-
-def split_ffn_keys(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[int, dict[str, torch.Tensor]]]:
-    """Groups `...transformer.blocks.{i}.ffn.*` tensors by block. Returns (key prefix, {i: {rest: tensor}})."""
+def split_ffn_keys(names: Iterable[str]) -> tuple[str, dict[int, dict[str, str]]]:
+    """Groups `...transformer.blocks.{i}.ffn.*` names by block. Returns (prefix up to `blocks.`, {i: {rest: name}})."""
     prefixes, blocks = set(), {}
-    for key, value in state_dict.items():
+    for key in names:
         m = _FFN_KEY.match(key)
         if m:
             prefixes.add(m['prefix'])
-            blocks.setdefault(int(m['layer']), {})[m['rest']] = value
+            blocks.setdefault(int(m['layer']), {})[m['rest']] = key
     if not blocks:
         raise ValueError('no `transformer.blocks.<i>.ffn.*` tensors found: not an MPT state dict')
     if len(prefixes) != 1:
@@ -52,81 +46,86 @@ def split_ffn_keys(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[in
     return prefixes.pop(), blocks
 
 
-def dense_ffn(layer: int, tensors: Mapping[str, torch.Tensor]) -> DenseFFN:
-    """Validates one block's dense FFN tensors, raising ValueError for MoE or biased checkpoints."""
-    if any(k in tensors for k in _MOE_MARKERS):
+def check_dense_ffn(layer: int, specs: Mapping[str, TensorSpec]) -> bool:
+    """Validates one block's dense FFN ({rest: spec}); returns whether it is a GLU. ValueError for MoE or biases."""
+    if any(k in specs for k in _MOE_MARKERS):
         raise ValueError(f'block {layer} already has a mixture-of-experts FFN: the checkpoint is MoE, not dense')
-    biases = sorted(k for k in tensors if k.endswith('.bias'))
+    biases = sorted(k for k in specs if k.endswith('.bias'))
     if biases:
         raise ValueError(f'block {layer} has dense FFN biases {biases}, which MoE experts cannot hold')
-    unknown = sorted(set(tensors) - set(_DENSE_PARAMS))
-    if unknown or 'up_proj.weight' not in tensors or 'down_proj.weight' not in tensors:
-        raise ValueError(f'block {layer}: unsupported FFN tensors {sorted(tensors)} (expected {list(_DENSE_PARAMS)})')
-    ffn = DenseFFN(up=tensors['up_proj.weight'], down=tensors['down_proj.weight'], gate=tensors.get('gate_proj.weight'))
-    f, d = ffn.up.shape
-    if ffn.down.shape != (d, f) or (ffn.glu and ffn.gate.shape != (f, d)):
-        raise ValueError(f'block {layer}: inconsistent FFN shapes up {tuple(ffn.up.shape)}, down {tuple(ffn.down.shape)}')
-    return ffn
+    unknown = sorted(set(specs) - set(_DENSE_PARAMS))
+    if unknown or 'up_proj.weight' not in specs or 'down_proj.weight' not in specs:
+        raise ValueError(f'block {layer}: unsupported FFN tensors {sorted(specs)} (expected {list(_DENSE_PARAMS)})')
+    f, d = specs['up_proj.weight'].shape
+    gate = specs.get('gate_proj.weight')
+    if specs['down_proj.weight'].shape != (d, f) or (gate is not None and gate.shape != (f, d)):
+        raise ValueError(f'block {layer}: inconsistent FFN shapes up {(f, d)}, down {specs["down_proj.weight"].shape}')
+    return gate is not None
 
 
-def expert_copies(weight: torch.Tensor, num_experts: int, noise_std: float = 0.0,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """[F, D] -> [E*F, D]: E copies; with noise_std > 0 each copy gets N(0, (noise_std * std(weight))^2) noise."""
-    tiled = weight.unsqueeze(0).expand(num_experts, *weight.shape)  # [E, F, D]
-    if noise_std > 0:
-        noise = torch.randn(tiled.shape, generator=generator, dtype=torch.float32)
-        tiled = tiled + (noise * noise_std * weight.float().std()).to(weight.dtype)
-    return tiled.reshape(num_experts * weight.shape[0], weight.shape[1]).contiguous()
+def ffn_jobs(source, names: Mapping[str, str], layer: int, opts: UpcycleWeights, out: str) -> list[Job]:
+    """One block's MoE jobs: router, w1, (v1), w2, named `{out}router.layer.weight` etc. names: {rest: source name}."""
+    glu = check_dense_ffn(layer, {rest: source.specs[n] for rest, n in names.items()})
+    up = source.specs[names['up_proj.weight']]
+    (f, d), dtype, E = up.shape, up.dtype, opts.num_experts
+    # (MegaBlocks tensor, dense source, role); 'down' is stored transposed: down.T [F, D]
+    roles = [('w1', 'gate_proj.weight', 'gate'), ('v1', 'up_proj.weight', 'up')] if glu else \
+        [('w1', 'up_proj.weight', 'up')]
+    roles.append(('w2', 'down_proj.weight', 'down'))
+
+    def tiled(rest: str, role: str) -> list[torch.Tensor]:
+        dense = source.read(names[rest])
+        return [expert_tensor(dense.t() if role == 'down' else dense, opts, layer, role)]
+
+    jobs = [Job((TensorSpec(f'{out}router.layer.weight', (E, d), dtype),),
+                lambda: [router_weight(opts, layer, d, dtype)])]
+    for mb, rest, role in roles:
+        spec = TensorSpec(f'{out}experts.mlp.{mb}', (E * f, d), source.specs[names[rest]].dtype)
+        jobs.append(Job((spec,), lambda rest=rest, role=role: tiled(rest, role)))
+    return jobs
 
 
-def router_weight(num_experts: int, d_model: int, std: float, generator: torch.Generator,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A fresh router [E, D] ~ N(0, std^2). Random, not zero: a zero router gives every expert equal scores."""
-    return (torch.randn(num_experts, d_model, generator=generator) * std).to(dtype)
+def mpt_moe_jobs(source, opts: UpcycleWeights, out_prefix: Optional[str] = None) -> list[Job]:
+    """The upcycled model's tensors as lazy jobs over a dense MPT source (any key prefix, e.g. Composer's
+    `model.`), in the source's order: non-FFN tensors pass through, each block's FFN becomes its router and expert
+    tensors. out_prefix replaces the source's key prefix (the part before `transformer.`) in the output names."""
+    prefix, blocks = split_ffn_keys(source.specs)
+    model_prefix = prefix[:-len('transformer.blocks.')]
+    out_prefix = model_prefix if out_prefix is None else out_prefix
 
+    def rename(name: str) -> str:
+        return out_prefix + name[len(model_prefix):] if name.startswith(model_prefix) else name
 
-def moe_ffn_tensors(ffn: DenseFFN, num_experts: int, router_init_std: float, generator: torch.Generator,
-                    expert_noise_std: float = 0.0, expert_output_scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """One block's MoE tensors (keys relative to `ffn.`) from its dense FFN. expert_output_scale multiplies w2
-    (E/K for softmax router weights without renormalisation; see UpcycleConfig.expert_output_scale)."""
-    first, second = (ffn.gate, ffn.up) if ffn.glu else (ffn.up, None)
-    out = {'router.layer.weight': router_weight(num_experts, ffn.up.shape[1], router_init_std, generator, ffn.up.dtype)}
-    out['experts.mlp.w1'] = expert_copies(first, num_experts, expert_noise_std, generator)
-    if second is not None:
-        out['experts.mlp.v1'] = expert_copies(second, num_experts, expert_noise_std, generator)
-    w2 = expert_copies(ffn.down.t(), num_experts, expert_noise_std, generator)
-    out['experts.mlp.w2'] = w2 if expert_output_scale == 1.0 else (w2.float() * expert_output_scale).to(w2.dtype)
-    return out
+    jobs, done = [], set()
+    for name, spec in source.specs.items():
+        m = _FFN_KEY.match(name)
+        if m is None:
+            jobs.append(Job((TensorSpec(rename(name), spec.shape, spec.dtype),), lambda n=name: [source.read(n)]))
+        elif int(m['layer']) not in done:
+            layer = int(m['layer'])
+            done.add(layer)
+            jobs += ffn_jobs(source, blocks[layer], layer, opts, rename(f'{prefix}{layer}.ffn.'))
+    return jobs
 
 
 def upcycle_state_dict(state_dict: Mapping[str, torch.Tensor], num_experts: int, router_init_std: float = 0.02,
                        seed: int = 0, expert_noise_std: float = 0.0,
                        expert_output_scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """A dense MPT state dict (any key prefix, e.g. Composer's `model.`) -> its upcycled MoE state dict.
-
-    Non-FFN tensors pass through unchanged (same objects). Deterministic in `seed`, so every rank of a
-    distributed run builds the same routers.
-    """
-    if num_experts < 2:
-        raise ValueError(f'num_experts must be >= 2, got {num_experts}')
-    prefix, blocks = split_ffn_keys(state_dict)
-    generator = torch.Generator().manual_seed(seed)
-    out = {k: v for k, v in state_dict.items() if not _FFN_KEY.match(k)}
-    for layer in sorted(blocks):
-        tensors = moe_ffn_tensors(dense_ffn(layer, blocks[layer]), num_experts, router_init_std, generator,
-                                  expert_noise_std, expert_output_scale)
-        out.update({f'{prefix}{layer}.ffn.{k}': v for k, v in tensors.items()})
-    return out
+    """A dense MPT state dict -> its upcycled MoE state dict, all in memory (tests and small models; the loader and
+    `convert` stream the same jobs instead). Non-FFN tensors pass through (sharing memory)."""
+    opts = UpcycleWeights(num_experts, router_init_std, seed, expert_noise_std, expert_output_scale)
+    return run_jobs(mpt_moe_jobs(MemorySource(state_dict), opts))
 
 
-def expert_spread(w1: torch.Tensor, num_experts: int) -> float:
-    """Max abs difference between any expert's slice of an [E*F, D] tensor and expert 0's (0.0: fresh copies)."""
-    experts = w1.detach().reshape(num_experts, -1, w1.shape[-1])  # [E, F, D]
-    return (experts - experts[:1]).abs().max().item()
+def ffn_moe_tensors(dense: Mapping[str, torch.Tensor], opts: UpcycleWeights, layer: int = 0) -> dict[str, torch.Tensor]:
+    """One dense FFN ({'up_proj.weight', 'down_proj.weight'[, 'gate_proj.weight']}) -> its MoE tensors
+    ({'router.layer.weight', 'experts.mlp.w1', ...}) as block `layer` of a model would get them."""
+    return run_jobs(ffn_jobs(MemorySource(dense), {k: k for k in dense}, layer, opts, ''))
 
 
-def check_shapes(moe_state: Mapping[str, torch.Tensor], expected: Mapping[str, Iterable[int]], source: str) -> None:
-    """ValueError naming the first key whose shape (or presence) differs from the model's."""
+def check_shapes(moe_state: Mapping[str, Iterable[int]], expected: Mapping[str, Iterable[int]], source: str) -> None:
+    """ValueError naming the first key whose shape (or presence) differs from the model's. Values: shapes or
+    anything with a `.shape`."""
     missing = sorted(set(expected) - set(moe_state))
     extra = sorted(set(moe_state) - set(expected))
     if missing or extra:
@@ -135,8 +134,9 @@ def check_shapes(moe_state: Mapping[str, torch.Tensor], expected: Mapping[str, I
             f'{"..." if len(missing) > 5 else ""}, unexpected {extra[:5]}{"..." if len(extra) > 5 else ""}',
         )
     for key, shape in expected.items():
-        if tuple(moe_state[key].shape) != tuple(shape):
+        got = tuple(getattr(moe_state[key], 'shape', moe_state[key]))
+        if got != tuple(shape):
             raise ValueError(
-                f'{source}: {key} has shape {tuple(moe_state[key].shape)} after upcycling but the model '
+                f'{source}: {key} has shape {got} after upcycling but the model '
                 f'config expects {tuple(shape)} (check d_model, ffn_hidden_size/expansion_ratio, n_layers)',
             )

@@ -77,7 +77,7 @@ def ids(batch=2, seq=S):
 
 def test_import_gives_dense_logits_and_trainable_config(dense, tmp_path):
     from safetensors import safe_open
-    from foundry_upcycle.upcycle import router_weight
+    from foundry_upcycle.weights import UpcycleWeights, router_weight
     src, model = dense
     result = import_hf_to_mixtral(src, tmp_path / 'moe', num_experts=E, top_k=K, shard_size_mb=0.15, progress=False)
     out = result.path
@@ -98,15 +98,13 @@ def test_import_gives_dense_logits_and_trainable_config(dense, tmp_path):
     print(f'imported Llama -> Mixtral step-0 max |logit diff| = {diff:.3g}')
     assert diff <= TOL
 
-    # Experts are copies of the dense MLP; routers come from the seeded generator in layer order.
+    # Experts are copies of the dense MLP; each router comes from its own (seed, layer) stream.
     dense_mlp, moe = model.model.layers[1].mlp, mixtral.model.layers[1].block_sparse_moe
     for e in range(E):
         assert torch.equal(moe.experts[e].w1.weight, dense_mlp.gate_proj.weight)
         assert torch.equal(moe.experts[e].w3.weight, dense_mlp.up_proj.weight)
         assert torch.equal(moe.experts[e].w2.weight, dense_mlp.down_proj.weight)
-    g = torch.Generator().manual_seed(0)
-    routers = [router_weight(E, D, 0.02, g) for _ in range(3)]
-    assert torch.equal(moe.gate.weight, routers[1])
+    assert torch.equal(moe.gate.weight, router_weight(UpcycleWeights(E, 0.02, seed=0), 1, D))
 
     # Training turns the router logits on (yamls/hf/mixtral.yaml does it through config_overrides): then the loss
     # is cross-entropy + 0.01 * aux loss.

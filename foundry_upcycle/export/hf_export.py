@@ -32,8 +32,9 @@ import torch
 from foundry_upcycle.atomic import atomic_output_dir
 from foundry_upcycle.export.targets import (ARCHITECTURES, ENGINES_FILE, TARGETS, engines_record,  # noqa: F401
                                             parse_dtype)
-from foundry_upcycle.export.sources import MemorySource, open_checkpoint
-from foundry_upcycle.export.writer import Job, TensorSpec, write_sharded
+from foundry_upcycle.export.writer import write_sharded
+from foundry_upcycle.jobs import Job, MemorySource, TensorSpec, run_jobs
+from foundry_upcycle.reader import open_source
 from foundry_upcycle.upcycle import MEGABLOCKS_TO_DENSE, MIXTRAL_EXPERT_NAMES
 
 log = logging.getLogger(__name__)
@@ -517,10 +518,7 @@ def plan_export(source, arch: MPTArch, target: str, dtype: Optional[torch.dtype]
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], arch: MPTArch, target: str,
                        dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """MPT state dict (any prefix) -> the target's HF state dict, all in memory (for tests and small models)."""
-    out = {}
-    for job in plan_export(MemorySource(state_dict), arch, target, dtype):
-        out.update(zip((s.name for s in job.specs), job.produce()))
-    return out
+    return run_jobs(plan_export(MemorySource(state_dict), arch, target, dtype))
 
 
 # ---------------------------------------------------------------- writing
@@ -559,7 +557,7 @@ def export_source(source, model_cfg: Mapping[str, Any], out: str | os.PathLike, 
                   tokenizer: Optional[str] = None, overwrite: bool = False, dtype: Optional[torch.dtype] = None,
                   upcycle: Optional[Mapping[str, Any]] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                   progress: bool = True, allow_inexact_engines: bool = False) -> Path:
-    """Streams an MPT tensor source (`sources.MemorySource` / `SafetensorsSource`) into an HF directory.
+    """Streams an MPT tensor source (`jobs.MemorySource` / `reader.SafetensorsSource`) into an HF directory.
 
     Memory: one job at a time (one MPT tensor and what it becomes; the largest is one layer's [E F, D] expert
     tensor), whatever the depth. `engines.json` in the output says which serving engines compute the export
@@ -600,7 +598,7 @@ def export_checkpoint(checkpoint: str, config: str, out: str, target: str = 'aut
     model_cfg, upcycle = load_recipe(config)
     resolved, arch = check_target(resolve_model_config(model_cfg, upcycle), target)
     engine_support(arch, resolved, allow_inexact_engines)  # fail before reading a large checkpoint
-    return export_source(open_checkpoint(checkpoint), model_cfg, out, target, tokenizer, overwrite, dtype, upcycle,
+    return export_source(open_source(checkpoint), model_cfg, out, target, tokenizer, overwrite, dtype, upcycle,
                          max_shard_bytes, progress, allow_inexact_engines)
 
 

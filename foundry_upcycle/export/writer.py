@@ -4,7 +4,7 @@ A directory appears under its final name only when complete: it is built in a te
 (`.<name>.<tag>-tmp-<pid>-<random>`) and renamed at the end. A killed run leaves only such a temp dir, which
 the next run of the same tool removes once its process is gone.
 
-Shards are written tensor by tensor: the plan (names, shapes, dtypes) is fixed before any data is read, so
+Shards are written tensor by tensor from a plan of jobs (`jobs.py`): the plan (names, shapes, dtypes) is fixed before any data is read, so
 each safetensors header can be written first and each tensor's bytes appended as it is produced. Memory is
 bounded by the largest single job (one source tensor and what it expands to), not by the shard or model.
 Imports torch, tqdm and the standard library only.
@@ -13,48 +13,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from foundry_upcycle.jobs import (SAFETENSORS_DTYPES, TORCH_DTYPES, Job, TensorSpec, in_memory_jobs,  # noqa: F401
+                                  run_job)
+
 log = logging.getLogger(__name__)
 
-SAFETENSORS_DTYPES = {
-    torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16', torch.float64: 'F64',
-    torch.int64: 'I64', torch.int32: 'I32', torch.int16: 'I16', torch.int8: 'I8', torch.uint8: 'U8',
-    torch.bool: 'BOOL',
-}
-TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = 'model.safetensors.index.json'
 SINGLE_NAME = 'model.safetensors'
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
-
-@dataclass(frozen=True)
-class Job:
-    """One unit of work: `produce()` returns the tensors described by `specs`, in that order."""
-    specs: tuple[TensorSpec, ...]
-    produce: Callable[[], Sequence[torch.Tensor]]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.specs)
 
 
 # ---------------------------------------------------------------- streaming safetensors shards
@@ -102,16 +75,9 @@ def write_safetensors_stream(path: Path, jobs: Sequence[Job], metadata: Optional
         f.write(struct.pack('<Q', len(header)))
         f.write(header)
         for job in jobs:
-            tensors = job.produce()
-            if len(tensors) != len(job.specs):
-                raise RuntimeError(f'job for {job.specs[0].name} produced {len(tensors)} tensors, '
-                                   f'planned {len(job.specs)}')
-            for spec, t in zip(job.specs, tensors):
-                if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
-                    raise RuntimeError(f'{spec.name}: produced {tuple(t.shape)} {t.dtype}, '
-                                       f'planned {spec.shape} {spec.dtype}')
+            for _, t in run_job(job):  # one tensor at a time
                 _write_bytes(f, t)
-            del tensors
+                del t
             if on_job is not None:
                 on_job(job)
         f.flush()
@@ -140,11 +106,6 @@ def write_sharded(out_dir: Path, jobs: Sequence[Job], max_shard_bytes: int, desc
         index = {'metadata': {'total_size': total}, 'weight_map': weight_map}
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + '\n')
     return paths
-
-
-def in_memory_jobs(tensors: dict[str, torch.Tensor]) -> list[Job]:
-    """One job per tensor already in memory."""
-    return [Job((TensorSpec(k, tuple(v.shape), v.dtype),), (lambda v=v: [v])) for k, v in tensors.items()]
 
 
 # ---------------------------------------------------------------- tokenizer files
