@@ -179,3 +179,46 @@ def test_gguf_tokenizer_model_is_refused_before_training(dense_dir, corpus, tmp_
                           resolve=True)
     with pytest.raises(ValueError, match=r'tokenizer.name: .*tokenizer.model is a GGUF file'):
         apply_upcycle_block(cfg)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_matches_one(dense_dir, corpus, tmp_path):
+    """`composer -n 2` with FSDP2 (gloo): the same step-0 CE, per-step losses and trained parameters as one
+    process; only rank 0 opens the dense directory."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    from distributed_worker import run_mode
+    from test_distributed import FSDP2, _env, _fsdp
+    base = hf_recipe('upcycle', dense_dir, corpus, tmp_path / 'base')
+    base['device_train_microbatch_size'] = 1  # the LBL is nonlinear in the microbatch: one sequence each
+    base['eval_subset_num_batches'] = -1  # the whole val split, however the ranks divide it
+    single = copy.deepcopy(base)
+    single['variables'].update(run_name='single', save_folder=str(tmp_path / 'single' / 'checkpoints'))
+    one = run_mode('single', single, tmp_path, {})
+    spec = tmp_path / 'spec.json'
+    spec.write_text(json.dumps({'out': str(tmp_path), 'base': base,
+                                'modes': {'fsdp2': {'overrides': _fsdp(), 'env': FSDP2}}}))
+    cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', '--master_port', str(_free_port()),
+           str(REPO / 'tests' / 'distributed_worker.py'), str(spec)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    two = json.loads((tmp_path / 'results.json').read_text())['fsdp2']
+    assert 'error' not in two and 'error' not in one, (two.get('traceback'), one.get('traceback'))
+    assert two['fsdp'] and two['loader']['action'] == 'upcycled' and two['opened_by_rank'] == [1, 0]
+    for split in ('domain', 'generic'):
+        assert abs(one['ce0'][split][0][1] - two['ce0'][split][0][1]) < 1e-5
+    for key in ('loss', 'lbl'):
+        torch.testing.assert_close([v for _, v in two[key]], [v for _, v in one[key]], rtol=1e-5, atol=1e-6)
+    p1 = torch.load(tmp_path / 'single.params.pt', weights_only=True)
+    p2 = torch.load(tmp_path / 'fsdp2.params.pt', weights_only=True)
+    assert p1.keys() == p2.keys()
+    for key in p1:
+        torch.testing.assert_close(p2[key], p1[key], rtol=0, atol=1e-5, msg=lambda m: f'{key}: {m}')
