@@ -22,8 +22,6 @@ from test_hf_upcycle import hf_recipe
 
 pytestmark = pytest.mark.slow
 SEQ = 64
-TASKS = {'copa': ('commonsense_reasoning/copa.jsonl', 'multiple_choice'),
-         'lambada_openai': ('language_understanding/lambada_openai.jsonl', 'language_modeling')}
 
 
 @pytest.fixture(scope='module')
@@ -80,28 +78,22 @@ def test_step0_ce_equal_on_real_text_and_both_arms_train(arms):
 
 
 def test_llmfoundry_eval_of_the_saved_mixtral(arms, tmp_path):
-    from omegaconf import OmegaConf as om
+    """`llmfoundry eval yamls/hf/eval.yaml` on the hf_checkpointer's Mixtral, over the shipped samples (8 each)."""
     from foundry_upcycle.study.gauntlet import default_local_data
+    from conftest import YAMLS, load_recipe
     saved = sorted((arms['upcycle']['dir'] / 'hf' / 'huggingface').iterdir())[-1]
     assert json.loads((saved / 'config.json').read_text())['architectures'] == ['MixtralForCausalLM']
-    tasks = []
-    for label, (rel, kind) in TASKS.items():
-        lines = (default_local_data() / rel).read_text().splitlines()[:8]
-        (tmp_path / f'{label}.jsonl').write_text('\n'.join(lines) + '\n')
-        tasks.append({'label': label, 'dataset_uri': str(tmp_path / f'{label}.jsonl'), 'num_fewshot': [0],
-                      'icl_task_type': kind})
-    model = {'name': 'hf_causal_lm', 'pretrained_model_name_or_path': str(saved), 'pretrained': True,
-             'use_flash_attention_2': False}
-    om.save({'max_seq_len': 256, 'seed': 1, 'precision': 'fp32', 'device_eval_batch_size': 4, 'icl_tasks': tasks,
-             'models': [{'model_name': 'upcycled', 'model': model,
-                         'tokenizer': {'name': str(saved), 'kwargs': {'model_max_length': 256}}}]},
-            tmp_path / 'eval.yaml')
+    labels = [t['label'] for t in load_recipe('hf/eval.yaml')['icl_tasks']]
+    for path in default_local_data().glob('*/*.jsonl'):
+        (tmp_path / 'data' / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / 'data' / path.parent.name / path.name).write_text(''.join(path.read_text().splitlines(True)[:8]))
     cli = Path(sys.executable).parent / 'llmfoundry'
-    run = subprocess.run([str(cli), 'eval', str(tmp_path / 'eval.yaml')], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=900)
+    run = subprocess.run([str(cli), 'eval', str(YAMLS / 'hf' / 'eval.yaml'), f'variables.model={saved}',
+                          f'variables.eval_data={tmp_path / "data"}', 'variables.max_seq_len=256'],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for label in TASKS:
-        assert f'metrics/{label}/0-shot/' in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
+    for label in labels:
+        assert f'metrics/{label}/' in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
 
 
 def test_upcycled_model_generates_the_dense_greedy_tokens(smollm2, real_text, tmp_path):
