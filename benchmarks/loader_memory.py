@@ -88,12 +88,15 @@ def worker(a) -> None:
     ucfg = UpcycleConfig(num_experts=a.experts)
     if a.layout == 'hf':
         cfg, _ = upcycled_hf_model_config({'name': 'hf_causal_lm', 'pretrained_model_name_or_path': a.checkpoint,
-                                           'pretrained': True}, ucfg)
+                                           'pretrained': True, 'init_device': 'meta'}, ucfg)
     else:
-        cfg = upcycled_model_config({**_mpt_cfg(a), 'init_device': 'cpu'}, ucfg, 'torch')
-    torch.set_default_dtype(getattr(torch, a.dtype))
-    model = build_composer_model(name=cfg.pop('name'), cfg=cfg, tokenizer=None).to(getattr(torch, a.dtype))
-    torch.set_default_dtype(torch.float32)
+        cfg = upcycled_model_config({**_mpt_cfg(a), 'init_device': 'meta'}, ucfg, 'torch')
+    # Built on meta and materialised as zeros: the memory of a random init without its CPU time (memory is measured)
+    model = build_composer_model(name=cfg.pop('name'), cfg=cfg, tokenizer=None)
+    model = model.to_empty(device='cpu').to(getattr(torch, a.dtype))
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.zero_()
     probe = {}
 
     class Probe(Callback):

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import logged, run_train, stdlib_texts, write_mds
 from test_hf_upcycle import hf_recipe
