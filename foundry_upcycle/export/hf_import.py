@@ -31,7 +31,8 @@ import torch
 from foundry_upcycle.config import UpcycleConfig
 from foundry_upcycle.atomic import atomic_output_dir
 from foundry_upcycle.export.sources import SafetensorsSource
-from foundry_upcycle.export.targets import ENGINES_FILE, engines_record
+from foundry_upcycle.export.targets import (ENGINES_FILE, engines_record, refuse_or_warn, vllm_rope_difference,
+                                            vllm_versions)
 from foundry_upcycle.export.writer import INDEX_NAME, SINGLE_NAME, Job, TensorSpec, copy_tokenizer_files, write_sharded
 from foundry_upcycle.upcycle import MIXTRAL_EXPERT_NAMES, expert_copies, router_weight
 
@@ -93,11 +94,13 @@ def _check_source_config(cfg) -> None:
             raise ValueError(f'src: config.json {key}=true; Mixtral holds no biases')
 
 
-def vllm_differences(dense) -> dict[str, str]:
-    """{config.json key: why} where vLLM's Mixtral would compute the import differently from transformers."""
+def vllm_differences(dense, versions=None) -> dict[str, str]:
+    """{config.json key: why} where vLLM's Mixtral (`versions`, default targets.vllm_versions()) would compute the
+    import differently from transformers: the export's rules (targets.py)."""
     out = {}
-    if getattr(dense, 'rope_scaling', None) is not None:
-        out['rope_scaling'] = f"{dense.rope_scaling}: vLLM's Mixtral ignores rope_scaling"
+    why = vllm_rope_difference('mixtral', getattr(dense, 'rope_scaling', None), versions or vllm_versions())
+    if why:
+        out['rope_scaling'] = why
     if getattr(dense, 'hidden_act', 'silu') != 'silu':
         out['hidden_act'] = f"{dense.hidden_act!r}: vLLM's Mixtral always applies SiLU in its experts"
     return out
@@ -194,8 +197,10 @@ def _jobs(source: _Source, specs: dict[str, TensorSpec], cfg, up: UpcycleConfig)
 
 def import_hf_to_mixtral(src: str | os.PathLike, out: str | os.PathLike, num_experts: int = 8, top_k: int = 2,
                          router_init_std: float = 0.02, seed: int = 0, load_balancing_loss_weight: float = 0.01,
-                         shard_size_mb: float = 2048, overwrite: bool = False, progress: bool = True) -> ImportResult:
-    """Dense HF Llama/Mistral safetensors dir `src` -> Mixtral dir `out` (written atomically, streamed)."""
+                         shard_size_mb: float = 2048, overwrite: bool = False, progress: bool = True,
+                         allow_inexact_engines: bool = False) -> ImportResult:
+    """Dense HF Llama/Mistral safetensors dir `src` -> Mixtral dir `out` (written atomically, streamed). A source
+    that vLLM's Mixtral would compute differently is refused like the export does, unless `allow_inexact_engines`."""
     up = UpcycleConfig(num_experts=num_experts, top_k=top_k, router_init_std=float(router_init_std), seed=seed,
                        load_balancing_loss_weight=float(load_balancing_loss_weight))
     if not shard_size_mb > 0:
@@ -206,13 +211,13 @@ def import_hf_to_mixtral(src: str | os.PathLike, out: str | os.PathLike, num_exp
     specs = _check_tensors(source.specs, dense)
     jobs = _jobs(source, specs, dense, up)
     dtype = specs['model.embed_tokens.weight'].dtype
-    diffs = vllm_differences(dense)
-    for key, why in diffs.items():
-        log.warning('src %s: %s; the import is exact on transformers only (engines.json)', key, why)
+    versions = vllm_versions()
+    diffs = vllm_differences(dense, versions)
+    refuse_or_warn('mixtral import', {f'src config.json {k}': v for k, v in diffs.items()}, allow_inexact_engines, log)
     with atomic_output_dir(out, tag='hf-import', overwrite=overwrite) as tmp:
         paths = write_sharded(tmp, jobs, int(shard_size_mb * 2**20), desc='upcycling to mixtral', progress=progress)
         mixtral_config(dense, up, dtype).save_pretrained(str(tmp))
-        (tmp / ENGINES_FILE).write_text(json.dumps(engines_record('mixtral', diffs), indent=1) + '\n')
+        (tmp / ENGINES_FILE).write_text(json.dumps(engines_record('mixtral', diffs, versions), indent=1) + '\n')
         copy_tokenizer_files(source.dir, tmp, extra=('generation_config.json',))
     log.info('wrote Mixtral (%d experts, top-%d) to %s', num_experts, top_k, out)
     return ImportResult(path=Path(out), tensors=sum(len(j.specs) for j in jobs),

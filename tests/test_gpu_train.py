@@ -1,0 +1,72 @@
+"""One GPU, foundry's own train() (what `llmfoundry train` runs): the upcycle block under FSDP1 (world size 1 still
+wraps, so the loader's FSDP1 branch runs: `summon_full_params` per unit), FSDP2 and `init_device: meta`, with
+activation checkpointing and the router monitor; the step-0 eval CE of every upcycled run equals CPT's. fp32 runs
+use torch_dmoe (exact: 1e-4), amp_bf16 runs mb_dmoe when megablocks works here (bf16 rounding: 1e-2 relative).
+All modes in one `composer -n 1 tests/distributed_worker.py` launch. GPU only: `bash scripts/device_check.sh`.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, record_result
+from foundry_upcycle.moe_backend import megablocks_unavailable_reason
+from test_distributed import FSDP2, _base, _env, _fsdp
+
+ROUTER = {'callbacks.upcycle_router_monitor': {'interval': 1}}
+BF16 = {'precision': 'amp_bf16'}
+CPT = {'upcycle': None}
+MODES = {
+    'cpt_fp32': {'overrides': {**CPT, **_fsdp()}},
+    'upcycle_fsdp1_fp32': {'overrides': {**_fsdp(activation_checkpointing=True), **ROUTER}},
+    'cpt_bf16': {'overrides': {**CPT, **BF16, **_fsdp()}},
+    'upcycle_fsdp1_bf16': {'overrides': {**BF16, **_fsdp(activation_checkpointing=True), **ROUTER}},
+    'upcycle_fsdp2_bf16': {'overrides': {**BF16, **_fsdp(activation_checkpointing=True), **ROUTER}, 'env': FSDP2},
+    'upcycle_meta_bf16': {'overrides': {**BF16, **_fsdp(activation_checkpointing=True), **ROUTER,
+                                        'model.init_device': 'meta'}},
+}
+UPCYCLED = [m for m in MODES if m.startswith('upcycle')]
+CE_TOL = {'fp32': 1e-4, 'bf16': 1e-2}  # relative, against the CPT run of the same precision
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def runs(corpus, dense_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp('gpu_train')
+    spec = out / 'spec.json'
+    spec.write_text(json.dumps({'out': str(out), 'base': _base(corpus, dense_checkpoint, out), 'modes': MODES}))
+    cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', '1', '--master_port', str(_free_port()),
+           str(REPO / 'tests' / 'distributed_worker.py'), str(spec)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=out, timeout=900)
+    assert (out / 'results.json').exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((out / 'results.json').read_text())
+    record_result('train', {m: {k: v for k, v in r.items() if k != 'traceback'} for m, r in results.items()})
+    return results
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('mode', UPCYCLED)
+def test_one_gpu_upcycle_step0_ce_equals_cpt(runs, mode):
+    precision = mode.rsplit('_', 1)[1]
+    cpt, up = runs[f'cpt_{precision}'], runs[mode]
+    assert 'error' not in cpt, cpt.get('traceback')
+    assert 'error' not in up, up.get('traceback')
+    assert up['fsdp'] and up['loader']['action'] == 'upcycled', up['loader']
+    # backend auto: megablocks' dMoE for amp_bf16 where megablocks works, foundry's torch dMoE otherwise
+    want = 'megablocks.' if precision == 'bf16' and megablocks_unavailable_reason() is None else 'llmfoundry.'
+    assert up['ffn_types'] and all(t.startswith(want) for t in up['ffn_types']), up['ffn_types']
+    for split in ('domain', 'generic'):
+        (b0, ce_cpt), (b1, ce_up) = cpt['ce0'][split][0], up['ce0'][split][0]
+        assert b0 == b1 == 0 and abs(ce_up - ce_cpt) <= CE_TOL[precision] * abs(ce_cpt), (split, ce_cpt, ce_up)
+    assert [b for b, _ in up['router_lbl']] == [0, 1], up['router_lbl']  # the router monitor logged every step
