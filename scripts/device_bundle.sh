@@ -70,7 +70,7 @@ export TORCH_CUDA_ARCH_LIST=$ARCH PATH=$CUDA_HOME/bin:$PATH
 NVCC=$("$CUDA_HOME/bin/nvcc" --version | tail -1)
 TORCH=$("$PY" -c 'import torch; print(torch.__version__)')
 
-# 3. Sources (hash-checked), then wheels built from them, cached by sdist + patch + venv + arch.
+# 3. Sources (hash-checked), then wheels built from them, cached by sdist + patch + torch + nvcc + arch.
 SRC=$CACHE/src-$(sha device/requirements-sources.lock)
 if [ ! -f "$SRC/.complete" ]; then
   say "downloading the sdists of device/requirements-sources.lock"
@@ -82,7 +82,7 @@ if [ ! -f "$SRC/.complete" ]; then
 fi
 build_wheel() {  # name sdist [patch]
   local name=$1 sdist=$SRC/$2 patch=${3:-} key dir work
-  key=$(sha "$sdist" ${patch:+"$patch"} <(echo "$want $ARCH $TORCH $NVCC"))
+  key=$(sha "$sdist" ${patch:+"$patch"} <(echo "$ARCH $TORCH $NVCC"))
   dir=$CACHE/built/$name-$key
   if ! ls "$dir"/*.whl >/dev/null 2>&1; then
     say "building $name ($2${patch:+, patched with $patch}) for sm_${ARCH/./} against torch $TORCH, $NVCC; MAX_JOBS=$MAX_JOBS"

@@ -12,7 +12,8 @@
 #   generate       foundry-upcycle bench-inference --engine hf: generate throughput, dense Llama vs its Mixtral
 # Writes to $OUT (default runs/device_check): results.json (every part: status, seconds, why, its numbers),
 # device_check.log (all output) and logs.tar.gz (one log per part). Whole budget DEVICE_CHECK_BUDGET_S (default
-# 450 s): a part gets min(its own limit, what is left). Without CUDA the GPU parts report "skipped: no CUDA".
+# 450 s; DEVICE_CHECK_TIME_SCALE multiplies all limits): a part gets min(its own limit, what is left). Without CUDA
+# the GPU parts report "skipped: no CUDA". Exit status: 1 if a part failed.
 #   bash scripts/device_check.sh [BUNDLE_DIR]         (device tool: carry build/device, README "GPU check")
 # DEVICE_PYTHON (default python3) is the interpreter; the CPU rehearsal (scripts/device_rehearsal.sh) sets it.
 set -uo pipefail
@@ -25,7 +26,8 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${DEVICE_PYTHON:-python3}
 WORK=$(mktemp -d /tmp/device_check.XXXXXX)
 SITE=$WORK/site
-BUDGET=${DEVICE_CHECK_BUDGET_S:-450}
+SCALE=${DEVICE_CHECK_TIME_SCALE:-1}  # multiplies every limit (the CPU rehearsal on 2 loaded cores uses 4)
+BUDGET=$((${DEVICE_CHECK_BUDGET_S:-450} * SCALE))
 export PYTHONPATH=$REPO:$SITE PATH=$SITE/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
   HF_HOME=$WORK/hf MPLCONFIGDIR=$WORK/mpl PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -44,7 +46,7 @@ PY
 }
 
 part() {  # name limit_s needs(cuda|any) command...
-  local name=$1 limit=$2 needs=$3 t start rc why
+  local name=$1 limit=$(($2 * SCALE)) needs=$3 t start rc why
   shift 3
   t=$((BUDGET - (SECONDS - T0)))
   [ "$limit" -lt "$t" ] && t=$limit
@@ -139,5 +141,7 @@ for p in parts:
     print(f"{p['part']:14s} {p['status']:8s} {p['seconds']:4d}s  {p['why']}")
 print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
 PY
-tar czf "$OUT/logs.tar.gz" -C "$WORK" logs parts.jsonl data --exclude='data/generate' 2>/dev/null
+tar czf "$OUT/logs.tar.gz" --exclude='data/generate' -C "$WORK" logs parts.jsonl data 2>/dev/null
+failed=$(grep -c '"status": "failed"' "$WORK/parts.jsonl")
 rm -rf "$WORK"
+[ "$failed" -eq 0 ]
