@@ -6,7 +6,8 @@
 # 2. runs scripts/device_check.sh with that interpreter (parts that need CUDA report "skipped: no CUDA");
 # 3. installs the bundle into a --target folder as the check does and runs the CPU test files (default: all of
 #    tests/ but test_setup_script.py, which checks the Python 3.11 set-up) on torch 2.11 with the carried stack,
-#    writing the pass / fail / skip list per test file to runs/device_rehearsal/tests.txt.
+#    writing the pass / fail / skip list per test file to runs/device_rehearsal/tests.txt (tests/test_gpu_train.py
+#    runs its CPU-capable arms there: FOUNDRY_UPCYCLE_REHEARSE_GPU_TRAIN=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=runs/device_rehearsal
@@ -22,7 +23,7 @@ SITE=$(mktemp -d /tmp/device_rehearsal.XXXXXX)
   cp -r "$SITE"/self/*.dist-info "$SITE/site/" || exit 1
 if [ $# -eq 0 ]; then set -- $(ls tests/test_*.py | grep -v test_setup_script.py); fi
 echo "[rehearsal] pytest on torch 2.11 + the bundle: $*" >&2
-PYTHONPATH=$PWD:$SITE/site PYTHONDONTWRITEBYTECODE=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+PYTHONPATH=$PWD:$SITE/site PYTHONDONTWRITEBYTECODE=1 FOUNDRY_UPCYCLE_REHEARSE_GPU_TRAIN=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
   --junitxml="$OUT/junit.xml" "$@" 2>&1 | tee "$OUT/pytest.log" | tail -n 40
 "$PY" - "$OUT/junit.xml" "$OUT/tests.txt" <<'PY'
 import collections, sys, xml.etree.ElementTree as ET
