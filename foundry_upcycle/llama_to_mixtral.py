@@ -139,16 +139,6 @@ def mixtral_jobs(source, cfg: Mapping[str, Any], opts: UpcycleWeights, out_prefi
     return jobs
 
 
-def vllm_differences(dense: Mapping[str, Any]) -> dict[str, str]:
-    """{config.json key: why} where vLLM's Mixtral would compute the upcycled model differently from transformers."""
-    out = {}
-    if dense.get('rope_scaling') is not None:
-        out['rope_scaling'] = f"{dense['rope_scaling']}: vLLM's Mixtral ignores rope_scaling"
-    if dense.get('hidden_act', 'silu') != 'silu':
-        out['hidden_act'] = f"{dense['hidden_act']!r}: vLLM's Mixtral always applies SiLU in its experts"
-    return out
-
-
 def mixtral_config(dense: Mapping[str, Any], num_experts: int, top_k: int, load_balancing_loss_weight: float,
                    dtype: Any = None):
     """MixtralConfig with the dense model's shapes (rope, norm eps, tied embeddings, sliding window, GQA) and

@@ -5,31 +5,14 @@
 #                                 stanford-stk, flash-attn; numpy 2.0.2 / packaging 24.1 as megablocks requires); the
 #                                 CUDA source builds run with --no-build-isolation against the installed torch (needs
 #                                 nvcc for torch's CUDA 12.6; flash-attn can take long to compile: MAX_JOBS=N).
-# uv: the one on PATH if it is the pinned version, else a private copy bootstrapped once into a throwaway venv
-# under ~/.cache (works on Debian/Ubuntu system Pythons, which refuse `pip install` outside a venv: PEP 668).
+# uv: the pinned version, from PATH or bootstrapped once under ~/.cache (scripts/_uv.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-UV_VERSION=0.13.9
 LOCK=requirements.lock
 SOURCE_BUILDS='^(megablocks|grouped-gemm|stanford-stk|flash-attn)=='
 if [ "${1:-}" = "--gpu" ]; then LOCK=requirements-gpu.lock; elif [ -n "${1:-}" ]; then echo "usage: $0 [--gpu]" >&2; exit 2; fi
 
-uv_path() {
-  if command -v uv >/dev/null 2>&1 && [ "$(uv --version | cut -d' ' -f2)" = "$UV_VERSION" ]; then
-    command -v uv
-    return
-  fi
-  local dir="${XDG_CACHE_HOME:-$HOME/.cache}/foundry-upcycle/uv-$UV_VERSION"
-  if [ ! -f "$dir/.complete" ]; then
-    echo "[setup] bootstrapping uv $UV_VERSION into $dir" >&2
-    rm -rf "$dir"
-    python3 -m venv "$dir" >&2 || { echo "[setup] 'python3 -m venv' failed (Debian/Ubuntu: apt install python3-venv)" >&2; exit 1; }
-    "$dir/bin/python" -m pip install -q --disable-pip-version-check "uv==$UV_VERSION" >&2
-    touch "$dir/.complete"
-  fi
-  echo "$dir/bin/uv"
-}
-
+source scripts/_uv.sh
 UV=$(uv_path)
 [ -x .venv/bin/python ] || "$UV" venv -q .venv --python 3.11
 stamp=.venv/.foundry-upcycle-lock

@@ -128,3 +128,17 @@ def dense_checkpoint(corpus, tmp_path_factory) -> Path:
     ckpt = out / 'checkpoints' / 'ep0-ba4-rank0.pt'
     assert ckpt.exists(), sorted(p.name for p in (out / 'checkpoints').iterdir())
     return ckpt
+
+
+def record_result(key: str, value: Any) -> None:
+    """Adds `key: value` to the JSON file named by $FOUNDRY_UPCYCLE_RESULTS (scripts/device_check.sh collects the
+    GPU numbers this way); nothing without it."""
+    import json
+    path = os.environ.get('FOUNDRY_UPCYCLE_RESULTS')
+    if not path:
+        return
+    data = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+    data[key] = value
+    tmp = Path(path + '.tmp')
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)

@@ -68,6 +68,9 @@ def run_mode(name: str, cfg: dict, out: Path, env: dict) -> dict:
             'total': logged(trainer, 'loss/train/total'),
             'fsdp': trainer.state.fsdp_enabled,
             'batch': int(trainer.state.timestamp.batch),
+            'router_lbl': logged(trainer, 'router/lbl'),
+            'ffn_types': sorted({f'{type(m).__module__}.{type(m).__name__}'
+                                 for n, m in trainer.state.model.named_modules() if n.endswith('.ffn')}),
         }
         loader = next((c for c in trainer.state.callbacks if type(c).__name__ == 'UpcycleLoader'), None)
         result['loader'] = getattr(loader, 'report', None)

@@ -8,6 +8,8 @@ import logging
 import math
 import os
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,48 @@ from foundry_upcycle.shapes import SHAPES, ModelShape, hf_param_count  # noqa: E
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 STUBS = Path(__file__).parent / 'stubs'
+
+
+@pytest.fixture(autouse=True)
+def no_vllm_left_behind():
+    """The vLLM stub must not stay imported after a test (the next test, or file, would see it)."""
+    yield
+    assert 'vllm' not in sys.modules, 'a test left the vLLM stub in sys.modules'
+
+
+class FakeClock:
+    """Virtual time for modes.py: time.perf_counter / time.sleep and an asyncio loop whose sleeps and timeouts
+    advance the clock instead of waiting. Deterministic, and no real sleeps."""
+
+    def __init__(self):
+        self.t = 1000.0
+        self.loop = asyncio.new_event_loop()
+        self.loop.time = lambda: self.t
+        selector = self.loop._selector
+        select = selector.select
+
+        def virtual_select(timeout=None):
+            if timeout:  # the loop would wait for its next timer: jump there
+                self.t += timeout
+            return select(0)
+        selector.select = virtual_select
+
+    def perf_counter(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += max(0.0, seconds)
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(MO, 'time', types.SimpleNamespace(perf_counter=fake.perf_counter, sleep=fake.sleep))
+    yield fake
+    fake.loop.close()
 
 
 # ------------------------------------------------------------------------------------ synthetic models
@@ -181,17 +225,16 @@ def test_prompts_are_never_repeated():
     assert stream.sent == 100
 
 
-def test_static_online_mode_counts_unsent_requests():
+def test_static_online_mode_counts_unsent_requests(clock):
     class SleepyEngine:  # 50 ms per batch, whatever its size
         def __init__(self):
             self.batches = []
 
         def run_batch(self, prompts, output_tokens):
-            import time
             self.batches.append(len(prompts))
-            start = time.perf_counter()
-            time.sleep(0.05)
-            return [EN.Timing(start, start + 0.01, time.perf_counter())] * len(prompts)
+            start = clock.perf_counter()
+            clock.sleep(0.05)
+            return [EN.Timing(start, start + 0.01, clock.perf_counter())] * len(prompts)
 
     wl = I.Workload(input_tokens=4, output_tokens=2, num_requests=1000, batch_sizes=(1,), max_batch_size=4,
                     online_max_seconds=0.5)
@@ -199,7 +242,9 @@ def test_static_online_mode_counts_unsent_requests():
     run = MO.run_online_static(engine, MO.PromptStream(100, 4, 0), rate=200.0, wl=wl)
     assert 0 < run['num_served'] < 1000 and run['num_not_sent'] == 1000 - run['num_served']
     assert max(engine.batches) == 4  # the scheduler batches waiting requests, up to its limit
-    assert all(r['latency_s'] >= 0.05 for r in run['requests'])  # queueing counted from arrival
+    assert all(r['latency_s'] >= 0.05 - 1e-9 for r in run['requests'])  # queueing counted from arrival
+    # 200 req/s against 4 requests per 50 ms: every batch after the first is full, 0.5 s holds ~10 batches
+    assert run['num_served'] == sum(engine.batches) and 9 <= len(engine.batches) <= 11
 
 
 def test_poisson_arrivals_are_seeded():
@@ -221,18 +266,22 @@ def test_failed_writer_leaves_nothing(tmp_path):
 # ------------------------------------------------------------------------------- continuous batching, vLLM
 
 class FakeAsyncEngine:
-    """Continuous batching in miniature: up to `slots` requests at once, `step` seconds per token."""
+    """Continuous batching in miniature: up to `slots` requests at once, `step` seconds per token, `per_update`
+    tokens per output (vLLM's async engine hands over what a step produced, often several tokens)."""
 
-    def __init__(self, slots=4, step=0.01):
-        self.slots, self.step, self.running, self.aborted = slots, step, 0, []
+    def __init__(self, slots=4, step=0.01, per_update=1):
+        self.slots, self.step, self.per_update, self.running, self.aborted = slots, step, per_update, 0, []
 
     async def stream(self, prompt, output_tokens, request_id):
         while self.running >= self.slots:
             await asyncio.sleep(self.step)
         self.running += 1
         try:
-            for n in range(1, output_tokens + 1):
-                await asyncio.sleep(self.step)
+            n = 0
+            while n < output_tokens:
+                new = min(self.per_update, output_tokens - n)
+                await asyncio.sleep(new * self.step)
+                n += new
                 yield n
         finally:
             self.running -= 1
@@ -241,23 +290,49 @@ class FakeAsyncEngine:
         self.aborted.append(request_id)
 
 
-def test_continuous_mode_is_bounded_and_counts_what_is_still_queued():
+def test_continuous_mode_is_bounded_and_counts_what_is_still_queued(clock):
     wl = I.Workload(input_tokens=4, output_tokens=5, num_requests=400, batch_sizes=(), rates=(300.0,),
                     online_max_seconds=0.5, drain_seconds=0.2)
-    # serves at most ~80 requests/s: 300/s leaves a backlog of ~100 that the 0.2 s drain cannot clear (at 100/s the
-    # backlog was small enough to drain on an idle machine, so the test was flaky)
+    # serves at most 80 requests/s (4 slots, 50 ms each): 300/s leaves a backlog the 0.2 s drain cannot clear
     engine = FakeAsyncEngine(slots=4, step=0.01)
-    run = asyncio.run(MO.run_continuous(engine, MO.PromptStream(100, 4, 0), 300.0, wl, seed=0))
+    run = clock.run(MO.run_continuous(engine, MO.PromptStream(100, 4, 0), 300.0, wl, seed=0))
     sent = 400 - run['num_not_sent']
     assert 0 < sent < 400 and run['num_served'] + run['num_unfinished'] == sent == len(run['requests'])
     assert run['num_unfinished'] > 0 and len(engine.aborted) == run['num_unfinished']
     partial = [r for r in run['requests'] if not r['finished']]
-    assert any(0 < r['output_tokens'] < 5 for r in partial)  # cut mid-generation: its tokens still count
-    out_tokens = sum(r['output_tokens'] for r in run['requests'])
-    assert run['output_tokens_per_s'] * run['wall_s'] == pytest.approx(out_tokens)
+    assert any(0 < r['output_tokens'] < 5 for r in partial)  # cut mid-generation: reported, not in throughput
+    assert run['unfinished_output_tokens'] == sum(r['output_tokens'] for r in partial) > 0
     done = [r for r in run['requests'] if r['finished']]
-    assert all(len(r['itl_s']) == 4 and r['tpot_s'] > 0 and r['ttft_s'] > 0 for r in done)
-    assert run['ttft_p99_s'] >= run['ttft_p50_s'] and run['itl_p50_s'] > 0
+    assert run['output_tokens_per_s'] * run['wall_s'] == pytest.approx(5 * len(done))
+    assert run['total_tokens_per_s'] * run['wall_s'] == pytest.approx(9 * len(done))
+    assert all(r['itl_s'] == pytest.approx([0.01] * 4) and r['tpot_s'] == pytest.approx(0.01) for r in done)
+    assert run['ttft_p99_s'] >= run['ttft_p50_s'] >= 0.01 and run['itl_p50_s'] == pytest.approx(0.01)
+
+
+def test_itl_is_one_gap_per_received_chunk(clock):
+    """Serving defect 3: an engine update carrying 2 tokens is one inter-token gap (vLLM's benchmark appends one
+    ITL per received chunk), not a real gap plus a zero one; TPOT still divides by the tokens."""
+    wl = I.Workload(input_tokens=4, output_tokens=8, num_requests=3, batch_sizes=(), rates=(1.0,),
+                    online_max_seconds=5.0)
+    engine = FakeAsyncEngine(slots=4, step=0.01, per_update=2)
+    run = clock.run(MO.run_continuous(engine, MO.PromptStream(100, 4, 0), 1.0, wl, seed=0))
+    done = [r for r in run['requests'] if r['finished']]
+    assert len(done) == 3 and all(r['output_tokens'] == 8 for r in done)
+    assert all(r['itl_s'] == pytest.approx([0.02] * 3) for r in done)  # 4 chunks of 2 tokens: 3 gaps of 20 ms
+    assert run['itl_p50_s'] == pytest.approx(0.02) and min(g for r in done for g in r['itl_s']) > 0
+    assert run['tpot_p50_s'] == pytest.approx(0.06 / 7)  # (end - first token) / (8 - 1)
+
+
+def test_throughput_counts_successful_requests_only():
+    """Serving defect 4: as vLLM's benchmark, the input and partial output of a request cancelled at the drain
+    deadline are not throughput (they are reported apart)."""
+    def req(finished, out):
+        return {'finished': finished, 'input_tokens': 10, 'output_tokens': out, 'latency_s': 1.0, 'ttft_s': 0.1,
+                'tpot_s': 0.1, 'itl_s': [0.1] * (out - 1)}
+    s = MO.summarize([req(True, 4), req(False, 2), req(False, 0)], wall_s=2.0)
+    assert s['total_tokens_per_s'] == pytest.approx((10 + 4) / 2) and s['output_tokens_per_s'] == pytest.approx(2)
+    assert s['requests_per_s'] == pytest.approx(0.5) and s['unfinished_output_tokens'] == 2
+    assert s['num_served'] == 1 and s['num_unfinished'] == 2 and s['itl_mean_s'] == pytest.approx(0.1)
 
 
 def test_rate_sweep_stops_at_saturation():
@@ -273,13 +348,16 @@ def test_rate_sweep_stops_at_saturation():
 
 @pytest.fixture
 def vllm_stub(monkeypatch, tmp_path):
+    """tests/stubs/vllm importable here and in worker processes; unimported again afterwards."""
     log = tmp_path / 'vllm.jsonl'
+    sys.modules.pop('vllm', None)
     monkeypatch.syspath_prepend(str(STUBS))
     monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(STUBS), os.environ.get('PYTHONPATH', '')]))
     monkeypatch.setenv('VLLM_STUB_LOG', str(log))
     monkeypatch.setattr(EN, 'VLLMEngine', EN.VLLMEngine)
     monkeypatch.setattr(EN.VLLMEngine, '_created', False)
-    return log
+    yield log
+    sys.modules.pop('vllm', None)
 
 
 def _events(log):
@@ -296,6 +374,10 @@ def test_vllm_engines_one_per_process_prefix_caching_off_top_k_fresh_prompts(vll
     assert [e['top_k'] for e in engines] == [None, 1, 2]  # dense, then the MoE at each top-k
     assert len({e['pid'] for e in engines}) == 3 and os.getpid() not in {e['pid'] for e in engines}
     assert all(e['kwargs']['enable_prefix_caching'] is False for e in engines)
+    # serving defect 5: the prefill token budget is set (vLLM's engine-context default 2048 would split a
+    # 3500-token prompt), and recorded with the results
+    assert all(e['kwargs']['max_num_batched_tokens'] == EN.MAX_NUM_BATCHED_TOKENS == 8192 for e in engines)
+    assert all(m['vllm_engine_args']['max_num_batched_tokens'] == 8192 for m in result['models'])
     assert all(e['kwargs']['max_model_len'] == 27 and e['kwargs']['skip_tokenizer_init'] for e in engines)
     for pid in {e['pid'] for e in engines}:
         requests = [e for e in events if e['event'] == 'request' and e['pid'] == pid]
@@ -303,7 +385,7 @@ def test_vllm_engines_one_per_process_prefix_caching_off_top_k_fresh_prompts(vll
         assert len({tuple(r['head']) for r in requests}) == len(requests)
         assert all(r['len'] == 24 and r['max_tokens'] == 3 and r['ignore_eos'] for r in requests)
     assert sum(e['event'] == 'shutdown' for e in events) == 3
-    assert result['environment']['engine'] == 'vllm' and result['environment']['vllm'] == '0.11.0'
+    assert result['environment']['engine'] == 'vllm' and result['environment']['vllm'] == '0.12.0'
     for m in result['models']:
         assert m['online_mode'].startswith('continuous') and len(m['online'][0]['repeats']) == 3
         assert m['online'][0]['total_tokens_per_s_std'] is not None and m['online'][0]['tpot_p50_s'] > 0
@@ -322,6 +404,33 @@ def test_vllm_version_guard_and_one_engine_per_process(vllm_stub, monkeypatch, s
     with pytest.raises(RuntimeError, match='one vLLM engine per process'):
         EN.VLLMEngine(args)
     engine.close()
+
+
+def test_vllm_stub_is_as_strict_as_vllm(vllm_stub, monkeypatch, synthetic, clock):
+    """Serving defect 6: like vLLM, the stub refuses unknown keywords, hands over several tokens per update, honours
+    max_model_len and reports the version it is told to be (so the defects above fail its tests)."""
+    (dense_dir, _), _ = synthetic
+    import vllm
+    assert vllm.__version__ == '0.12.0'
+    with pytest.raises(TypeError):
+        vllm.SamplingParams(max_tokens=3, bogus=1)
+    with pytest.raises(TypeError):
+        vllm.AsyncEngineArgs(model=dense_dir, bogus=1)
+    engine = vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(model=dense_dir, max_model_len=10,
+                                                                       max_num_seqs=2))
+
+    async def sizes(prompt_len, max_tokens, rid):
+        prompt = {'prompt_token_ids': list(range(prompt_len))}
+        return [len(o.outputs[0].token_ids)
+                async for o in engine.generate(prompt, vllm.SamplingParams(max_tokens=max_tokens), rid)]
+    assert clock.run(sizes(4, 5, 'a')) == [1, 3, 5]  # 2 tokens per update after the first
+    assert clock.run(sizes(4, 50, 'b')) == [1, 3, 5, 6]  # stops at max_model_len
+    with pytest.raises(ValueError, match='longer than the maximum model length of 10'):
+        clock.run(sizes(11, 1, 'c'))
+    sys.modules.pop('vllm')
+    monkeypatch.setenv('VLLM_STUB_VERSION', '0.11.0')
+    import vllm as older
+    assert older.__version__ == '0.11.0'
 
 
 # ---------------------------------------------------------------------------------------- cost report

@@ -119,7 +119,8 @@ def test_import_gives_dense_logits_and_trainable_config(dense, tmp_path):
             assert name in f.keys()
 
 
-def test_bf16_tied_mistral_with_rope_scaling(tmp_path):
+def test_bf16_tied_mistral_with_rope_scaling(tmp_path, monkeypatch):
+    monkeypatch.setenv('FOUNDRY_UPCYCLE_VLLM_VERSIONS', '0.12')  # exact on vLLM >= 0.12 (test_engines)
     src = tmp_path / 'mistral'
     model = save_dense(src, model_type='mistral', dtype=torch.bfloat16, max_shard_size='10MB',
                        tie_word_embeddings=True, rope_scaling={'rope_type': 'linear', 'factor': 2.0})

@@ -15,10 +15,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
+from foundry_upcycle.export.targets import VLLM_SUPPORTED
+
 log = logging.getLogger(__name__)
 
 ENGINES = ('auto', 'hf', 'vllm')
-SUPPORTED_VLLM = ('0.10.0', '1.0.0')  # [min, max)
+SUPPORTED_VLLM = VLLM_SUPPORTED  # [min, max)
+# vLLM's token budget per scheduler step. Left unset, an engine built from AsyncEngineArgs (ENGINE_CONTEXT) gets
+# 2048, which splits every 3500-token prompt of the paper workload over two prefill steps; `vllm serve` on an
+# 80 GB+ GPU (H100) uses 8192. Set explicitly and recorded with the results.
+MAX_NUM_BATCHED_TOKENS = 8192
 
 
 @dataclass
@@ -102,10 +108,12 @@ def check_vllm_version(version: str) -> None:
                          '(V1 engine); install one of those in the serving environment')
 
 
-def vllm_engine_args(path: str, dtype: str, max_num_seqs: int, max_model_len: int, seed: int) -> dict[str, Any]:
+def vllm_engine_args(path: str, dtype: str, max_num_seqs: int, max_model_len: int, seed: int,
+                     max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS) -> dict[str, Any]:
     """The AsyncEngineArgs of one model. Top-k is in the directory's config.json (see models.with_top_k)."""
     return dict(model=path, skip_tokenizer_init=True, dtype=dtype, max_num_seqs=max_num_seqs,
-                max_model_len=max_model_len, seed=seed, enable_prefix_caching=False, disable_log_stats=True,
+                max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
+                enable_prefix_caching=False, disable_log_stats=True,
                 gpu_memory_utilization=float(os.environ.get('FOUNDRY_UPCYCLE_VLLM_GPU_UTIL', '0.9')))
 
 
@@ -121,7 +129,7 @@ class VLLMEngine:
         if VLLMEngine._created:
             raise RuntimeError('one vLLM engine per process: run each model in its own process (bench.worker)')
         VLLMEngine._created = True
-        self._vllm = vllm
+        self._vllm, self.engine_args = vllm, dict(engine_args)
         self.engine = vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(**engine_args))
 
     def _params(self, output_tokens: int):

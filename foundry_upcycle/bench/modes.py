@@ -106,28 +106,32 @@ def _percentiles(prefix: str, values: Sequence[float]) -> dict[str, Optional[flo
 
 
 def summarize(requests: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
-    """Aggregates per-request records over `wall_s`. Input tokens count for requests that were prefilled (got a
-    token); output tokens are those produced, finished or not."""
+    """Aggregates per-request records over `wall_s` as vLLM's serving benchmark does: throughput, latency, TTFT,
+    TPOT and ITL count successful (finished) requests only; what cancelled requests produced is reported apart
+    (`unfinished_output_tokens`), never in a throughput."""
     done = [r for r in requests if r['finished']]
-    out_tok = sum(r['output_tokens'] for r in requests)
-    in_tok = sum(r['input_tokens'] for r in requests if r['output_tokens'] > 0)
+    out_tok = sum(r['output_tokens'] for r in done)
+    in_tok = sum(r['input_tokens'] for r in done)
     ok = wall_s > 0 and requests
     return {
         'num_served': len(done), 'num_unfinished': len(requests) - len(done), 'wall_s': wall_s,
+        'unfinished_output_tokens': sum(r['output_tokens'] for r in requests if not r['finished']),
         'output_tokens_per_s': out_tok / wall_s if ok else 0.0,
         'total_tokens_per_s': (in_tok + out_tok) / wall_s if ok else 0.0,
         'requests_per_s': len(done) / wall_s if ok else 0.0,
         **_percentiles('latency', [r['latency_s'] for r in done]),
-        **_percentiles('ttft', [r['ttft_s'] for r in requests if r['ttft_s'] is not None]),
+        **_percentiles('ttft', [r['ttft_s'] for r in done if r['ttft_s'] is not None]),
         **_percentiles('tpot', [r['tpot_s'] for r in done if r.get('tpot_s') is not None]),
-        **_percentiles('itl', [g for r in requests for g in r.get('itl_s', ())]),
+        **_percentiles('itl', [g for r in done for g in r.get('itl_s', ())]),
     }
 
 
-def _record(arrival: float, t0: float, first: Optional[float], end: float, token_times: Sequence[float],
-            input_tokens: int, output_tokens: int, finished: bool) -> dict[str, Any]:
-    n = len(token_times) if token_times else output_tokens
-    itl = [b - a for a, b in zip(token_times, token_times[1:])]
+def _record(arrival: float, t0: float, first: Optional[float], end: float, chunk_times: Sequence[float],
+            input_tokens: int, n: int, finished: bool) -> dict[str, Any]:
+    """One request: `chunk_times` are the arrival times of the engine's outputs (one may carry several tokens),
+    `n` the tokens produced. ITL: one gap per received chunk after the first, as vLLM's benchmark records it
+    (a chunk of k tokens is one gap, not k-1 zero gaps); TPOT: (end - first) / (n - 1)."""
+    itl = [b - a for a, b in zip(chunk_times, chunk_times[1:])]
     return {'arrival_s': arrival - t0, 'ttft_s': None if first is None else first - arrival,
             'latency_s': end - arrival, 'tpot_s': (end - first) / (n - 1) if first is not None and n > 1 else None,
             'itl_s': itl, 'input_tokens': input_tokens, 'output_tokens': n, 'finished': finished}
@@ -186,7 +190,8 @@ def run_online_static(engine, prompts: PromptStream, rate: float, wl: Workload, 
 async def _one_request(engine, prompt: list[int], arrival: float, t0: float, wl: Workload, rid: str,
                        stop: asyncio.Event) -> dict[str, Any]:
     await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
-    token_times: list[float] = []
+    chunk_times: list[float] = []
+    n_tokens = 0
     finished = False
     stream = engine.stream(prompt, wl.output_tokens, rid).__aiter__()
     try:
@@ -200,16 +205,17 @@ async def _one_request(engine, prompt: list[int], arrival: float, t0: float, wl:
                 break
             halt.cancel()
             try:
-                n_tokens = nxt.result()
+                produced = nxt.result()
             except StopAsyncIteration:
                 finished = True
                 break
-            now = time.perf_counter()
-            token_times += [now] * (n_tokens - len(token_times))
+            if produced > n_tokens:  # a chunk with new tokens
+                chunk_times.append(time.perf_counter())
+                n_tokens = produced
     finally:
         end = time.perf_counter()
-    return _record(arrival, t0, token_times[0] if token_times else None, end, token_times, wl.input_tokens,
-                   wl.output_tokens, finished and len(token_times) == wl.output_tokens)
+    return _record(arrival, t0, chunk_times[0] if chunk_times else None, end, chunk_times, wl.input_tokens,
+                   n_tokens, finished and n_tokens == wl.output_tokens)
 
 
 async def run_continuous(engine, prompts: PromptStream, rate: float, wl: Workload, seed: int) -> dict[str, Any]:

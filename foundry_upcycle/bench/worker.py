@@ -49,6 +49,7 @@ def bench_model(model: ServedModel, wl: modes.Workload, engine_kind: str, dtype:
                                                for _ in range(wl.repeats)]) for b in wl.batch_sizes]
         if engine_kind == 'vllm':
             info['online_mode'] = 'continuous batching (vLLM)'
+            info['vllm_engine_args'] = {k: v for k, v in engine.engine_args.items() if k != 'model'}
 
             def measure(rate):
                 return modes.repeated([run_async(modes.run_continuous(engine, prompts, rate, wl, wl.seed + i))

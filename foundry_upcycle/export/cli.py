@@ -6,8 +6,18 @@ import argparse
 from foundry_upcycle.export.targets import DTYPE_NAMES, TARGETS
 
 
+def _vllm_versions(args: argparse.Namespace) -> None:
+    """--vllm-versions: validated, then read by the engine rules (targets.vllm_versions) through the environment."""
+    import os
+    from foundry_upcycle.export.targets import VLLM_VERSIONS_ENV, vllm_versions
+    if args.vllm_versions is not None:
+        vllm_versions(args.vllm_versions)  # ValueError naming the flag's value if malformed
+        os.environ[VLLM_VERSIONS_ENV] = args.vllm_versions
+
+
 def _export(args: argparse.Namespace) -> int:
     from foundry_upcycle.export.hf_export import export_checkpoint
+    _vllm_versions(args)
     from foundry_upcycle.export.targets import parse_dtype
     out = export_checkpoint(args.checkpoint, args.config, args.out, target=args.target, tokenizer=args.tokenizer,
                             overwrite=args.overwrite, dtype=parse_dtype(args.dtype),
@@ -18,10 +28,11 @@ def _export(args: argparse.Namespace) -> int:
 
 def _import_hf(args: argparse.Namespace) -> int:
     from foundry_upcycle.export.hf_import import import_hf_to_mixtral
+    _vllm_versions(args)
     result = import_hf_to_mixtral(
         args.src, args.out, num_experts=args.num_experts, top_k=args.top_k, router_init_std=args.router_init_std,
         seed=args.seed, load_balancing_loss_weight=args.load_balancing_loss_weight, shard_size_mb=args.shard_size_mb,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, allow_inexact_engines=args.allow_inexact_engines,
     )
     print(f'wrote {result.path}: {result.tensors} tensors, {result.bytes_written / 1e9:.3f} GB '
           f'in {result.shards} shard(s)')
@@ -37,6 +48,13 @@ def _gguf_to_hf(args: argparse.Namespace) -> int:
     note = '' if args.gguf else f' ({SMOLLM2_REQUIREMENT}: SmolLM2-135M-Instruct, {SMOLLM2_LICENSE})'
     print(f'wrote {out}{note}')
     return 0
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--vllm-versions', metavar='LOW[,HIGH]', default=None,
+                   help='the vLLM versions that will serve the output, [LOW, HIGH) (default: the installed vLLM, '
+                        'else every version the benchmark supports); decides e.g. whether a rope-scaled Mixtral is '
+                        'exact on vLLM (from 0.12)')
 
 
 def register(subparsers) -> None:
@@ -55,6 +73,7 @@ def register(subparsers) -> None:
     p.add_argument('--allow-inexact-engines', action='store_true',
                    help='export even when vLLM would compute the result differently (e.g. a GELU or '
                         'non-renormalised DBRX, a rope-scaled Mixtral); engines.json records it')
+    _engine_flags(p)
     p.add_argument('--overwrite', action='store_true', help='replace an existing non-empty --out')
     p.set_defaults(func=_export)
 
@@ -70,6 +89,10 @@ def register(subparsers) -> None:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--load-balancing-loss-weight', type=float, default=0.01)
     p.add_argument('--shard-size-mb', type=float, default=2048, help='maximum output shard size (default 2048)')
+    p.add_argument('--allow-inexact-engines', action='store_true',
+                   help='import even when vLLM would compute the result differently (e.g. dynamic rope scaling, or '
+                        'rope scaling on vLLM < 0.12); engines.json records it')
+    _engine_flags(p)
     p.add_argument('--overwrite', action='store_true', help='replace an existing non-empty --out')
     p.set_defaults(func=_import_hf)
 

@@ -24,13 +24,15 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from foundry_upcycle.atomic import atomic_output_dir
 from foundry_upcycle.config import UpcycleConfig
-from foundry_upcycle.export.targets import ENGINES_FILE, engines_record
+from foundry_upcycle.export.targets import (ENGINES_FILE, engines_record, refuse_or_warn, vllm_rope_difference,
+                                            vllm_versions)
 from foundry_upcycle.export.writer import copy_tokenizer_files, write_sharded
 from foundry_upcycle.llama_to_mixtral import (SOURCE_TYPES, check_tensors, mixtral_config, mixtral_jobs,  # noqa: F401
-                                              read_dense_config, torch_dtype, vllm_differences)
+                                              read_dense_config, torch_dtype)
 from foundry_upcycle.reader import SafetensorsSource, hf_weight_files
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,10 @@ class ImportResult:
 
 def import_hf_to_mixtral(src: str | os.PathLike, out: str | os.PathLike, num_experts: int = 8, top_k: int = 2,
                          router_init_std: float = 0.02, seed: int = 0, load_balancing_loss_weight: float = 0.01,
-                         shard_size_mb: float = 2048, overwrite: bool = False, progress: bool = True) -> ImportResult:
-    """Dense HF Llama/Mistral safetensors dir `src` -> Mixtral dir `out` (written atomically, streamed)."""
+                         shard_size_mb: float = 2048, overwrite: bool = False, progress: bool = True,
+                         allow_inexact_engines: bool = False) -> ImportResult:
+    """Dense HF Llama/Mistral safetensors dir `src` -> Mixtral dir `out` (written atomically, streamed). A source
+    that vLLM's Mixtral would compute differently is refused like the export does, unless `allow_inexact_engines`."""
     up = UpcycleConfig(num_experts=num_experts, top_k=top_k, router_init_std=float(router_init_std), seed=seed,
                        load_balancing_loss_weight=float(load_balancing_loss_weight))
     if not shard_size_mb > 0:
@@ -58,18 +62,30 @@ def import_hf_to_mixtral(src: str | os.PathLike, out: str | os.PathLike, num_exp
     dense = read_dense_config(src_dir, 'src')
     jobs = mixtral_jobs(source, dense, up.weights(), what='src')
     dtype = torch_dtype(source.specs)
-    diffs = vllm_differences(dense)
-    for key, why in diffs.items():
-        log.warning('src %s: %s; the import is exact on transformers only (engines.json)', key, why)
+    versions = vllm_versions()
+    diffs = vllm_differences(dense, versions)
+    refuse_or_warn('mixtral import', {f'src config.json {k}': v for k, v in diffs.items()}, allow_inexact_engines, log)
     with atomic_output_dir(out, tag='hf-import', overwrite=overwrite) as tmp:
         paths = write_sharded(tmp, jobs, int(shard_size_mb * 2**20), desc='upcycling to mixtral', progress=progress)
         mixtral_config(dense, up.num_experts, up.top_k, up.load_balancing_loss_weight, dtype).save_pretrained(str(tmp))
-        (tmp / ENGINES_FILE).write_text(json.dumps(engines_record('mixtral', diffs), indent=1) + '\n')
+        (tmp / ENGINES_FILE).write_text(json.dumps(engines_record('mixtral', diffs, versions), indent=1) + '\n')
         copy_tokenizer_files(src_dir, tmp, extra=('generation_config.json',))
     log.info('wrote Mixtral (%d experts, top-%d) to %s', num_experts, top_k, out)
     return ImportResult(path=Path(out), tensors=sum(len(j.specs) for j in jobs),
                         bytes_written=sum(j.nbytes for j in jobs), bytes_read=_bytes_read(source, dense),
                         shards=len(paths))
+
+
+def vllm_differences(dense: Mapping[str, Any], versions=None) -> dict[str, str]:
+    """{config.json key: why} where vLLM's Mixtral (`versions`, default targets.vllm_versions()) would compute the
+    import differently from transformers: the export's rules (targets.py)."""
+    out = {}
+    why = vllm_rope_difference('mixtral', dense.get('rope_scaling'), versions or vllm_versions())
+    if why:
+        out['rope_scaling'] = why
+    if dense.get('hidden_act', 'silu') != 'silu':
+        out['hidden_act'] = f"{dense['hidden_act']!r}: vLLM's Mixtral always applies SiLU in its experts"
+    return out
 
 
 def _bytes_read(source: SafetensorsSource, dense) -> int:

@@ -10,7 +10,8 @@ from typing import Any, Mapping
 import torch
 
 from foundry_upcycle.export.mpt_arch import MPTArch, parse_mpt_config
-from foundry_upcycle.export.targets import ARCHITECTURES, TARGETS, engines_record
+from foundry_upcycle.export.targets import (ARCHITECTURES, TARGETS, engines_record, refuse_or_warn,
+                                            vllm_rope_difference, vllm_versions)
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,10 @@ def check_target(model_cfg: Mapping[str, Any], target: str = 'auto') -> tuple[st
     return target, arch
 
 
-def vllm_differences(arch: MPTArch, target: str) -> dict[str, str]:
-    """{config key: why} for each way vLLM would compute this export differently from the trained model.
-
-    vLLM's DBRX runs a fused MoE with SiLU and renormalised top-k whatever `ffn_act_fn` and
-    `moe_normalize_expert_weights` say; vLLM's Mixtral builds its rotary embedding without `rope_scaling`.
+def vllm_differences(arch: MPTArch, target: str, versions=None) -> dict[str, str]:
+    """{config key: why} for each way vLLM (`versions`, default targets.vllm_versions()) would compute this export
+    differently from the trained model. vLLM's DBRX runs a fused MoE with SiLU and renormalised top-k whatever
+    `ffn_act_fn` and `moe_normalize_expert_weights` say; rope: targets.vllm_rope_difference.
     """
     out = {}
     if target == 'dbrx':
@@ -62,24 +62,19 @@ def vllm_differences(arch: MPTArch, target: str) -> dict[str, str]:
         if arch.normalize != 1:
             out['ffn_config.moe_normalize_expert_weights'] = (
                 f"{arch.normalize!r}: vLLM's DBRX always renormalises the top-k router weights to sum to 1")
-    if target == 'mixtral' and arch.rope_scaling is not None:
-        out['attn_config.rope_hf_config'] = (f"{arch.rope_scaling['rope_type']!r} rope scaling: vLLM's Mixtral "
-                                             'ignores rope_scaling')
+    why = vllm_rope_difference(target, arch.rope_scaling, versions or vllm_versions())
+    if why:
+        out['attn_config.rope_hf_config'] = why
     return out
 
 
 def engine_support(arch: MPTArch, target: str, allow_inexact_engines: bool = False) -> dict[str, Any]:
     """Which engines compute the export exactly (written to engines.json). Raises ValueError naming each key
     that vLLM would compute differently, unless `allow_inexact_engines` (then a warning names them)."""
-    diffs = vllm_differences(arch, target)
-    if diffs and not allow_inexact_engines:
-        raise ValueError(f'{target} export would load in vLLM but compute another function:\n  - '
-                         + '\n  - '.join(f'model.{k}: {v}' for k, v in diffs.items())
-                         + '\nchange the model, or pass allow_inexact_engines / --allow-inexact-engines to export '
-                         'it for transformers only')
-    for key, why in diffs.items():
-        log.warning('export for transformers only: vLLM would compute it differently (model.%s: %s)', key, why)
-    return engines_record(target, diffs)
+    versions = vllm_versions()
+    diffs = vllm_differences(arch, target, versions)
+    refuse_or_warn(f'{target} export', {f'model.{k}': v for k, v in diffs.items()}, allow_inexact_engines, log)
+    return engines_record(target, diffs, versions)
 
 
 def hf_config(arch: MPTArch, target: str, dtype: torch.dtype):
