@@ -127,7 +127,7 @@ BAD = [  # (subcommand, dotlist override or flags, what the error must name)
     ('convert', ['upcycle.top_kk=1'], r"unknown key\(s\) \['top_kk'\]"),
     ('convert', ['upcycle.router_weights=sigmoid'], 'upcycle.router_weights'),
     ('expand', ['model.ffn_config.moe_top_k=1'], 'model.ffn_config.moe_top_k'),
-    ('convert', ['model.d_model=48'], r'ffn\.experts\.mlp\.w1 is \(1280, 64\) but the recipe expects \(1280, 48\)'),
+    ('convert', ['model.d_model=48'], r'ffn\.experts\.mlp\.w1 is \(1280, 64\) but the recipe expects \(960, 48\)'),
     ('convert', ['variables.dense_checkpoint=???'], 'variables.dense_checkpoint'),
 ]
 
