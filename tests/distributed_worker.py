@@ -93,6 +93,9 @@ def run_mode(name: str, cfg: dict, out: Path, env: dict) -> dict:
             'batch': int(trainer.state.timestamp.batch),
             'router': router_metrics(trainer),
         }
+        monitor = next((c for c in trainer.state.callbacks if type(c).__name__ == 'RouterMonitor'), None)
+        # tokens the monitor counted on this rank in the last batch (before its all-reduce), per layer
+        result['router_tokens'] = {i: float(sums[-1]) for i, sums in monitor._sums.items()} if monitor else None
         loader = next((c for c in trainer.state.callbacks if type(c).__name__ == 'UpcycleLoader'), None)
         result['loader'] = getattr(loader, 'report', None)
         params = get_model_state_dict(trainer.state.model,

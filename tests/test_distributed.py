@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, free_port, logged, run_train, tiny_recipe
+from conftest import REPO, SEQ, free_port, logged, run_train, tiny_recipe
 from distributed_worker import run_mode
 from foundry_upcycle.checkpoint_io import load_state_dict, save_safetensors
 from foundry_upcycle.upcycle import expert_spread
@@ -150,6 +150,11 @@ def test_router_monitor_matches_one_process(runs, mode):
         assert [b for b, _ in two[key]] == [b for b, _ in one[key]] == [1, 2], (key, one[key], two[key])
         torch.testing.assert_close([v for _, v in two[key]], [v for _, v in one[key]], rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f'{key}: {m}')
+    # Load fractions are invariant to counting a token twice, so check the count: this rank's share of the global
+    # batch (4 x 32 tokens), once, with activation checkpointing too (its recompute in backward is not counted).
+    for name, world in (('single', 1), (mode, 2)):
+        counted = {int(i): n for i, n in results[name]['router_tokens'].items()}  # JSON made the keys strings
+        assert counted == {i: 4 * SEQ / world for i in range(n_layers)}, (name, counted)
     spread = [v for _, v in one['router/layer0/expert_spread']]
     assert spread[0] == 0.0 and spread[1] > 0, spread  # fresh copies at batch 0; trained apart by batch 1
 
