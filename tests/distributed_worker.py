@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 import signal
+import sys
 import traceback
 from pathlib import Path
 
