@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import sysconfig
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,30 @@ YAMLS = REPO / 'yamls'
 SEQ = 32
 VOCAB = 256
 TINY_MODEL = {'d_model': 64, 'n_layers': 2, 'n_heads': 4, 'vocab_size': VOCAB, 'max_seq_len': SEQ}
+
+
+def _blanket_ignores() -> int:
+    return sum(f[0] == 'ignore' and f[1] is None and f[2] is Warning and f[3] is None for f in warnings.filters)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    """A fixture that silences every warning (`warnings.filterwarnings('ignore')`) is an error: it hides the warnings
+    of the tests that use it and of everything else that runs in that scope; scope it with `catch_warnings`."""
+    before = _blanket_ignores()
+    result = yield
+    if _blanket_ignores() > before:
+        raise AssertionError(f'{item.nodeid}: a fixture installed a blanket warnings filter ("ignore" for every '
+                             'warning); wrap what it silences in warnings.catch_warnings() instead')
+    return result
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it), for a `composer -n N --master_port`."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('', 0))
+        return s.getsockname()[1]
 
 
 def stdlib_texts(names: list[str]) -> list[str]:

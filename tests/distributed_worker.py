@@ -1,6 +1,8 @@
 """Runs foundry's train() for several parallelism modes in one `composer -n N` launch (imports once, a launch
 costs more than a tiny run) and writes, per mode, what tests/test_distributed.py compares: step-0 eval CE,
-per-step losses and LBL, the full parameters after training (rank 0), and any error.
+per-step losses and LBL, the `upcycle_router_monitor` values, the full parameters after training (rank 0), and
+any error. A mode with `"kill_after_first_save": true` SIGKILLs its whole launch (launcher and ranks) once every
+rank has written its first checkpoint, before the next batch: a crash at a known point.
 
 Usage: composer -n 2 tests/distributed_worker.py SPEC.json   (SPEC: {"out": dir, "base": cfg, "modes": {name: overrides}})
 """
@@ -9,11 +11,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 
 import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -49,6 +54,43 @@ def _record_reads() -> None:
     reader.open_source = open_source
 
 
+class KillAfterFirstSave(Callback):
+    """At the start of the first batch after a checkpoint was saved: barrier (every rank's shard is on disk), then
+    rank 0 writes the saved batch to `killed_at.json` and SIGKILLs its process group (the launcher and all ranks)."""
+    NAME = 'test_kill_after_first_save'
+
+    def __init__(self, marker: str):
+        self.marker = Path(marker)
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        from composer.callbacks import CheckpointSaver
+        from composer.utils import dist
+        saver = next(cb for cb in state.callbacks if isinstance(cb, CheckpointSaver))
+        saved = saver.all_saved_checkpoints_to_timestamp  # the same on every rank (saver.saved_checkpoints is not)
+        if not saved:
+            return
+        dist.barrier()
+        if dist.get_global_rank() == 0:
+            self.marker.write_text(json.dumps({'batch': int(state.timestamp.batch), 'saved': sorted(saved)}))
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        dist.barrier()  # the other ranks wait here for the kill
+
+
+def _register_killer() -> None:
+    from llmfoundry.registry import callbacks
+    if KillAfterFirstSave.NAME not in callbacks.get_all():
+        callbacks.register(KillAfterFirstSave.NAME, func=KillAfterFirstSave)
+
+
+def router_metrics(trainer) -> dict:
+    """Every `router/...` metric the monitor logged: {key: [(batch, value), ...]}."""
+    from composer.loggers import InMemoryLogger
+
+    from conftest import logged
+    mem = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
+    return {k: logged(trainer, k) for k in sorted(mem.data) if k.startswith('router/')}
+
+
 def run_mode(name: str, cfg: dict, out: Path, env: dict) -> dict:
     from composer.utils import dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -71,7 +113,11 @@ def run_mode(name: str, cfg: dict, out: Path, env: dict) -> dict:
             'router_lbl': logged(trainer, 'router/lbl'),
             'ffn_types': sorted({f'{type(m).__module__}.{type(m).__name__}'
                                  for n, m in trainer.state.model.named_modules() if n.endswith('.ffn')}),
+            'router': router_metrics(trainer),
         }
+        monitor = next((c for c in trainer.state.callbacks if type(c).__name__ == 'RouterMonitor'), None)
+        # tokens the monitor counted on this rank in the last batch (before its all-reduce), per layer
+        result['router_tokens'] = {i: float(sums[-1]) for i, sums in monitor._sums.items()} if monitor else None
         loader = next((c for c in trainer.state.callbacks if type(c).__name__ == 'UpcycleLoader'), None)
         result['loader'] = getattr(loader, 'report', None)
         result['opened_by_rank'] = dist.all_gather_object(len(OPENED)) if dist.get_world_size() > 1 else [len(OPENED)]
@@ -97,6 +143,9 @@ def main(spec_path: str) -> None:
         cfg = _merge(spec['base'], mode.get('overrides', {}))
         cfg['variables']['run_name'] = mode.get('run_name', name)
         cfg['variables']['save_folder'] = str(out / mode.get('run_name', name) / 'checkpoints')
+        if mode.get('kill_after_first_save'):
+            _register_killer()
+            cfg.setdefault('callbacks', {})[KillAfterFirstSave.NAME] = {'marker': str(out / 'killed_at.json')}
         results[name] = run_mode(name, cfg, out, mode.get('env', {}))
         if dist.get_global_rank() == 0:
             (out / 'results.json').write_text(json.dumps(results, indent=1))

@@ -5,7 +5,9 @@ activation checkpointing) calls `torch.cuda.current_device()` while wrapping, an
 on 'cuda' in Composer's `meta_init`: neither runs without a GPU. DDP and FSDP2 (`FSDP_VERSION=2`, DTensor), with
 its sharded and full state dicts, `reshard_after_forward: false`, activation checkpointing and `init_device: mixed`,
 do. All modes run in one `composer -n 2` launch (tests/distributed_worker.py) and are compared with one process
-doing the same global batch in microbatches of one sequence.
+doing the same global batch in microbatches of one sequence. Every run carries the `upcycle_router_monitor`
+(interval 1), whose values (summed over microbatches, all-reduced over ranks) must match the one-process run.
+Each launch takes a free port (picked by the OS), so parallel sessions and other users of a port do not collide.
 """
 from __future__ import annotations
 
@@ -14,13 +16,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, logged, run_train, tiny_recipe
+from conftest import REPO, SEQ, free_port, logged, run_train, tiny_recipe
 from distributed_worker import run_mode
 from foundry_upcycle.checkpoint_io import load_state_dict, save_safetensors
 from foundry_upcycle.upcycle import expert_spread
@@ -63,7 +64,13 @@ def _base(corpus, dense_checkpoint: Path, out: Path) -> dict:
     cfg['device_train_microbatch_size'] = 1
     # The tokenizer's exact length, so the model is not resized (resizing fails on meta tensors).
     cfg['model']['vocab_size'] = load_state_dict(str(dense_checkpoint))['model.transformer.wte.weight'].shape[0]
+    cfg['callbacks'] = {**(cfg.get('callbacks') or {}), 'upcycle_router_monitor': {'interval': 1}}
     return cfg
+
+
+def _launch(spec: Path) -> list[str]:
+    return [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', '--master_port', str(free_port()),
+            str(REPO / 'tests' / 'distributed_worker.py'), str(spec)]
 
 
 @pytest.fixture(scope='module')
@@ -81,9 +88,7 @@ def runs(single, corpus, dense_checkpoint):
     base = _base(corpus, dense_checkpoint, out)
     spec = out / 'spec.json'
     spec.write_text(json.dumps({'out': str(out), 'base': base, 'modes': MODES}))
-    cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', '--master_port', '29517',
-           str(REPO / 'tests' / 'distributed_worker.py'), str(spec)]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=out, timeout=1500)
+    run = subprocess.run(_launch(spec), capture_output=True, text=True, env=_env(), cwd=out, timeout=1500)
     assert run.returncode == 0 and (out / 'results.json').exists(), run.stdout[-3000:] + run.stderr[-3000:]
     results.update(json.loads((out / 'results.json').read_text()))
     return out, results
@@ -130,6 +135,32 @@ def test_restart_resumes_own_checkpoint_and_skips_dense_load(runs, mode):
     assert expert_spread(_params(out, mode)['model.transformer.blocks.0.ffn.experts.mlp.w1'], 8) > 0
 
 
+@pytest.mark.parametrize('mode', TRAINED)
+def test_router_monitor_matches_one_process(runs, mode):
+    """`upcycle_router_monitor` (interval 1) logs, on every rank, the statistics of the whole global batch: the same
+    load per expert, entropy, LBL and expert spread as one process, at the same steps: its all-reduce over ranks,
+    and its spread from the unsharded experts in forward under FSDP2 (with activation checkpointing too)."""
+    out, results = runs
+    one, two = results['single']['router'], results[mode].get('router')
+    assert 'error' not in results[mode], results[mode].get('traceback')
+    n_layers, experts = 2, 8
+    want = {f'router/layer{i}/{m}' for i in range(n_layers) for m in
+            ['entropy', 'lbl', 'expert_spread'] + [f'load/expert{e}' for e in range(experts)]} | {'router/lbl'}
+    assert set(one) == set(two) == want, sorted(set(one) ^ set(two))
+    for key in sorted(want):
+        # (InMemoryLogger stamps a value with the trainer's batch count when it is logged: batch_end of 0, 1)
+        assert [b for b, _ in two[key]] == [b for b, _ in one[key]] == [1, 2], (key, one[key], two[key])
+        torch.testing.assert_close([v for _, v in two[key]], [v for _, v in one[key]], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f'{key}: {m}')
+    # Load fractions are invariant to counting a token twice, so check the count: this rank's share of the global
+    # batch (4 x 32 tokens), once, with activation checkpointing too (its recompute in backward is not counted).
+    for name, world in (('single', 1), (mode, 2)):
+        counted = {int(i): n for i, n in results[name]['router_tokens'].items()}  # JSON made the keys strings
+        assert counted == {i: 4 * SEQ / world for i in range(n_layers)}, (name, counted)
+    spread = [v for _, v in one['router/layer0/expert_spread']]
+    assert spread[0] == 0.0 and spread[1] > 0, spread  # fresh copies at batch 0; trained apart by batch 1
+
+
 def test_safetensors_bare_keys_relative_path_and_zloss(single, corpus, dense_checkpoint, tmp_path, monkeypatch):
     """`upcycle.from` a bare-key (HF MPT-style) .safetensors file by a relative path, z-loss on: the same start as
     the .pt by absolute path, and the z-loss is logged and added to `total`."""
@@ -153,32 +184,28 @@ def test_safetensors_bare_keys_relative_path_and_zloss(single, corpus, dense_che
 
 
 def test_fsdp2_run_killed_with_sigkill_resumes_with_trained_experts(corpus, dense_checkpoint, tmp_path):
-    """`composer -n 2` FSDP2 (sharded checkpoints) killed with SIGKILL after its first checkpoint, then restarted."""
+    """`composer -n 2` FSDP2 (sharded checkpoints) SIGKILLed (launcher and ranks, no cleanup) by a callback right
+    after its first checkpoint (batch 2), then restarted: it resumes at exactly that batch with trained experts."""
     out = tmp_path / 'run'
+    out.mkdir()
     spec = tmp_path / 'spec.json'
     base = _base(corpus, dense_checkpoint, tmp_path)
-    base['variables'].update(max_duration='40ba', save_interval='2ba', eval_interval='40ba')
+    base['variables'].update(max_duration='4ba', save_interval='2ba', eval_interval='4ba')
     base['eval_first'] = False
-    spec.write_text(json.dumps({'out': str(out), 'base': base, 'modes': {'killed': {'overrides': _fsdp(), 'env': FSDP2}}}))
-    out.mkdir()
-    cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', '--master_port', '29518',
-           str(REPO / 'tests' / 'distributed_worker.py'), str(spec)]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=tmp_path,
-                             start_new_session=True)
-    latest = out / 'killed' / 'checkpoints' / 'latest-rank0.pt'
-    deadline = time.time() + 1200
-    while not latest.exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    ended = first.poll()
-    os.killpg(first.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
-    first.wait()
-    assert ended is None, f'the first run exited ({ended}) before it could be killed'
-    assert latest.exists(), 'no checkpoint within 20 minutes'
-    base['variables'].update(max_duration='6ba')  # killed at the checkpoint of batch 2 (a step takes seconds)
-    spec.write_text(json.dumps({'out': str(out), 'base': base, 'modes': {'killed': {'overrides': _fsdp(), 'env': FSDP2}}}))
-    second = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=900)
+    killed = {'overrides': _fsdp(), 'env': FSDP2}
+    spec.write_text(json.dumps({'out': str(out), 'base': base,
+                                'modes': {'killed': {**killed, 'kill_after_first_save': True}}}))
+    first = subprocess.run(_launch(spec), capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=900,
+                           start_new_session=True)  # its own process group: the one the callback kills
+    assert first.returncode == -signal.SIGKILL, first.stdout[-3000:] + first.stderr[-3000:]
+    marker = json.loads((out / 'killed_at.json').read_text())
+    assert marker['batch'] == 2 and not (out / 'results.json').exists(), marker  # killed mid-run, before batch 2
+    assert (out / 'killed' / 'checkpoints' / 'latest-rank0.pt').exists()
+    spec.write_text(json.dumps({'out': str(out), 'base': base, 'modes': {'killed': killed}}))
+    second = subprocess.run(_launch(spec), capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     r = json.loads((out / 'results.json').read_text())['killed']
     assert 'error' not in r, r.get('traceback')
     assert r['loader']['action'] == 'skipped' and r['loader']['fresh_after_load'] is False, r['loader']
-    assert [b for b, _ in r['loss']][0] > 0  # continued, not restarted from batch 0
+    assert r['batch'] == 4 and [b for b, _ in r['loss']] == [2, 3]  # continued from the checkpoint, not from 0
+    assert expert_spread(_params(out, 'killed')['model.transformer.blocks.0.ffn.experts.mlp.w1'], 8) > 0

@@ -39,8 +39,9 @@ def mpt_cfg(ffn=DENSE_FFN, norm='rmsnorm', tied=False, attn=None, **over):
 
 @pytest.fixture(scope='module')
 def foundry():
-    warnings.filterwarnings('ignore')
-    from llmfoundry.models.mpt import ComposerMPTCausalLM
+    with warnings.catch_warnings():  # foundry's import-time warnings only; never a process-wide filter
+        warnings.simplefilter('ignore')
+        from llmfoundry.models.mpt import ComposerMPTCausalLM
     return ComposerMPTCausalLM
 
 

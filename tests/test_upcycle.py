@@ -1,6 +1,8 @@
 """Function preservation of the pure weight transform on real foundry models, plus its refusals."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -73,7 +75,30 @@ def test_router_is_seeded():
     key = 'model.transformer.blocks.1.ffn.router.layer.weight'
     a, b, c = (upcycle_state_dict(sd, 4, 0.02, seed)[key] for seed in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.std().item() == pytest.approx(0.02, rel=0.3)
+
+
+def test_router_init_is_normal_with_the_requested_std():
+    """All routers' weights (2 layers x 16 experts x d_model 64 = n = 2048) are N(0, std^2) draws: (n-1) s^2 / std^2
+    is chi^2(n-1), the mean is N(0, std^2 / n). Two-sided bounds at a false-failure rate of 1e-6 each (the seed is
+    fixed, so this is about which seeds a correct init could fail on): s/std within about +-7.6%, mean within
+    4.9 std / sqrt(n). A 10% scale error, a uniform init of the same range, or the default std fail."""
+    from statistics import NormalDist
+    std, p = 0.03, 1e-6
+    sd = upcycle_state_dict(build(mpt_cfg()).state_dict(), 16, std, seed=11)
+    w = torch.cat([v.flatten() for k, v in sd.items() if k.endswith('router.layer.weight')]).double()
+    n, z = w.numel(), NormalDist().inv_cdf(1 - p / 2)
+    assert n == 2 * 16 * 64
+
+    def chi2_quantile(zq: float, k: int) -> float:  # Wilson-Hilferty, relative error < 1e-4 at k ~ 2000
+        return k * (1 - 2 / (9 * k) + zq * math.sqrt(2 / (9 * k)))**3
+
+    lo, hi = (math.sqrt(chi2_quantile(zq, n - 1) / (n - 1)) for zq in (-z, z))
+    ratio = w.std().item() / std
+    assert lo < ratio < hi, (lo, ratio, hi)
+    assert abs(w.mean().item()) < z * std / math.sqrt(n)
+    # normal, not uniform: the excess kurtosis (0 for a normal, -1.2 for a uniform) has sd sqrt(24 / n)
+    kurt = ((w - w.mean())**4).mean().item() / w.var(unbiased=False).item()**2 - 3
+    assert abs(kurt) < z * math.sqrt(24 / n), kurt
 
 
 def test_refuses_moe_and_biased_checkpoints():

@@ -29,9 +29,16 @@ def test_pair_differs_only_in_the_upcycle_block(shape):
     assert up == cpt
 
 
+@pytest.mark.parametrize('megablocks', [False, True], ids=['cpu', 'megablocks'])
 @pytest.mark.parametrize('shape', MPT_PAIRS)
-def test_upcycle_recipe_expands(shape, tmp_path):
+def test_upcycle_recipe_expands(shape, megablocks, tmp_path, monkeypatch):
+    """Expands to the backend the probe resolves, simulated both ways (this machine's packages do not matter):
+    `backend: auto` takes mb_dmoe where megablocks runs and the recipe is bf16, else torch_dmoe."""
     from omegaconf import OmegaConf as om
+
+    from foundry_upcycle import moe_backend
+    monkeypatch.setattr(moe_backend, 'megablocks_unavailable_reason',
+                        lambda: None if megablocks else 'megablocks is not installed (simulated)')
     dense = tmp_path / 'dense.pt'
     dense.write_bytes(b'')
     cfg = om.merge(om.load(YAMLS / shape / 'upcycle.yaml'),
@@ -39,7 +46,13 @@ def test_upcycle_recipe_expands(shape, tmp_path):
                                             'run_name': 'r'}}))
     out = apply_upcycle_block(om.to_container(cfg, resolve=True))
     ffn = out['model']['ffn_config']
-    assert out['model']['name'] == 'mpt_upcycle_causal_lm' and ffn['ffn_type'] == 'torch_dmoe'  # CPU fallback
+    want = 'mb_dmoe' if megablocks and out['precision'] == 'amp_bf16' else 'torch_dmoe'
+    assert out['model']['name'] == 'mpt_upcycle_causal_lm' and ffn['ffn_type'] == want
+    assert out['precision'] == ('fp32' if shape == 'tiny' else 'amp_bf16')  # so both backends are expected somewhere
+    if want == 'mb_dmoe':  # foundry adds megablocks' LBL itself; ours would count it twice
+        assert ffn['moe_loss_weight'] == 0.01 and out['model']['load_balancing_loss_weight'] == 0.0
+    else:
+        assert 'moe_loss_weight' not in ffn and out['model']['load_balancing_loss_weight'] == 0.01
     assert (ffn['moe_num_experts'], ffn['moe_top_k']) == (8, 2)
     assert out['callbacks']['upcycle_loader']['source'] == str(dense) and 'load_path' not in out
     if shape == '436m':  # the paper's upcycling lr at 436M is twice CPT's; decoupled decay scales with it
