@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import tempfile
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 RunKey = tuple[str, float, int, float]          # (arm, budget, seed index, lr)
 _LOCK_PATH = os.path.join(tempfile.gettempdir(), 'foundry-upcycle-streaming-prefix.lock')
@@ -75,16 +75,16 @@ def _train(key: RunKey, icl: bool) -> tuple[RunKey, float]:
     return key, stage.seconds
 
 
-def train_in_workers(study_cls: Callable[[Any], Any], cfg: Any, keys: Sequence[RunKey], jobs: int, icl: bool,
-                     done: Callable[[RunKey, float], None]) -> None:
+def train_in_workers(study_cls: Callable[[Any], Any], cfg: Any, keys: Sequence[RunKey], jobs: int,
+                     icl: Mapping[RunKey, bool], done: Callable[[RunKey, float], None]) -> None:
     """Trains `keys` in `jobs` worker processes (spawned: no state shared with this one; cfg.threads torch threads
     and a `study_cls(cfg)` each: the Study class, pickled by reference, so this module never imports the pipeline),
-    each run followed by its evaluation as the main process would run it (with the gauntlet if `icl`);
+    each run followed by its evaluation as the main process would run it (with the gauntlet if `icl[key]`);
     `done(key, seconds)` after each. The first failure cancels the queued runs and is raised here."""
     ctx = multiprocessing.get_context('spawn')
     quiet = cfg.replace(progress=False)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init, initargs=(study_cls, quiet)) as pool:
-        pending: set[Future] = {pool.submit(_train, key, icl) for key in keys}
+        pending: set[Future] = {pool.submit(_train, key, icl[key]) for key in keys}
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
