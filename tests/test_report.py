@@ -238,3 +238,18 @@ def test_regimes_report_shows_the_gain_against_the_base_length(tmp_path):
     cfg = StudyConfig.from_mapping({'out': str(tmp_path), 'pretrain_tokens_per_param': [16, 64]})
     assert cfg.regimes == (16.0, 64.0)
     assert regimes.sub_config(cfg, 16.0).out == str(tmp_path / 'tpp16') and not regimes.sub_config(cfg, 16.0).regimes
+
+
+def test_relative_core_average_gain_only_where_cpt_is_above_chance(tmp_path):
+    """A ratio of two near-chance scores is noise: the relative gain needs CPT's 95% interval above 0."""
+    from foundry_upcycle.study.results_view import above_chance, ci_half
+    results = synthetic_results()
+    for a in results['arms']:                          # core averages of 0.03-0.06 that vary by 0.02 across seeds
+        a['eval_sem']['core_average'] = 0.02
+    cpt = next(a for a in results['arms'] if a['arm'] == 'cpt' and a['budget'] == 1.0)
+    half = ci_half(cpt, 'core_average')
+    assert half == pytest.approx(math.hypot(4.303 * 0.02, 1.96 * cpt['core_average_binomial_se']), rel=1e-3)
+    assert not above_chance(cpt)                                        # 0.05 with bars ~0.09: at chance
+    assert above_chance({**cpt, 'eval': {**cpt['eval'], 'core_average': 0.5}})
+    F.plot_figure1(results, tmp_path / 'f1.png')                        # absolute values with intervals instead
+    assert (tmp_path / 'f1.png').read_bytes().startswith(PNG_MAGIC)

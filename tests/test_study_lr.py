@@ -54,7 +54,7 @@ def test_the_sweep_extends_an_edge_until_the_optimum_is_bracketed():
 
 
 def test_the_choice_is_checked_at_the_largest_budget():
-    cfg = StudyConfig(budgets=(0.1, 0.4), lr_sweep=(1e-3, 2e-3, 4e-3, 8e-3))
+    cfg = StudyConfig(budgets=(0.1, 0.4), lr_sweep=(1e-3, 2e-3, 4e-3, 8e-3), lr_check='both')
     study = FakeStudy(cfg, {'cpt': 2e-3, 'upcycle': 2e-3})
     sweep = lr_select.select_lrs(study, None)
     keys = lr_select.check_keys(study, sweep)
@@ -63,7 +63,10 @@ def test_the_choice_is_checked_at_the_largest_budget():
     check = lr_select.check_at_top(study, sweep, None)
     # the optimum doubles with 4x the budget (2e-3 -> 4e-3): the check sees the shortest-budget choice under-tune
     assert check['best'] == {'cpt': 4e-3, 'upcycle': 4e-3} and check['chosen_cost']['cpt'] > 0
-    assert lr_select.check_keys(study.__class__(cfg.replace(lr_check=False), study.optimum), sweep) == []
+    assert lr_select.check_keys(study.__class__(cfg.replace(lr_check='off'), study.optimum), sweep) == []
+    up = lr_select.check_keys(study.__class__(cfg.replace(lr_check='up'), study.optimum), sweep)
+    assert sorted(up) == [('cpt', 0.4, 0, 4e-3), ('upcycle', 0.4, 0, 4e-3)]            # the default: one step up
+    assert lr_select.neighbours([1e-3, 2e-3], 2e-3, 'up') == [4e-3]                      # past the top of the grid
 
 
 def _builder(scale: str, tmp_path: Path) -> RunBuilder:

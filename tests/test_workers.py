@@ -60,3 +60,29 @@ def test_wrapping_is_idempotent(monkeypatch):
     workers.serialize_streaming_prefix()
     assert sd.get_shm_prefix is wrapped and wrapped is not original and wrapped() == ('p', 'l')
     assert wrapped.__wrapped__ is original
+
+
+def test_a_registration_that_loses_the_race_to_an_outside_process_is_retried(monkeypatch, tmp_path):
+    """Processes that are not ours do not take the lock: a registration that finds its prefix taken between check
+    and create (FileExistsError) is retried, and picks another."""
+    calls = []
+
+    def racy(*args, **kwargs):
+        calls.append(1)
+        if len(calls) < 3:
+            raise FileExistsError(17, 'File exists', '/000820_locals')
+        return 821, 'shm'
+    monkeypatch.setattr(sd, 'get_shm_prefix', racy)
+    monkeypatch.setattr(workers, '_LOCK_PATH', str(tmp_path / 'lock'))
+    workers.serialize_streaming_prefix()
+    assert sd.get_shm_prefix() == (821, 'shm') and len(calls) == 3
+
+    def always(*args, **kwargs):
+        raise FileExistsError(17, 'File exists', '/000820_locals')
+    monkeypatch.setattr(sd, 'get_shm_prefix', always)
+    workers.serialize_streaming_prefix()
+    try:
+        sd.get_shm_prefix()
+        raise AssertionError('a prefix that stays taken must raise')
+    except FileExistsError:
+        pass

@@ -45,6 +45,7 @@ DEFAULT_SEEDS = 3
 DEFAULT_SEEDS_OTHER = 3
 # Each arm's phase-2 lr grid (study/lr_select.py: extended past an edge optimum): x2 steps around the recipes' 2.8e-3.
 DEFAULT_LR_GRID = (1.4e-3, 2.8e-3, 5.6e-3, 1.12e-2)
+LR_CHECKS = ('up', 'both', 'off')
 # One torch thread: results do not depend on the machine's core count, and on a shared machine one thread ran these
 # tiny models ~3x faster than two (busy-waiting OpenMP threads); its CPU time per step is the idle wall time.
 DEFAULT_THREADS = 1
@@ -74,7 +75,8 @@ class StudyConfig:
     # unless lr / upcycle_lr are given; (): no sweep (the recipes' lrs)
     lr_sweep: Optional[tuple[float, ...]] = None
     lr_extend: int = 2                            # grid steps added past an edge optimum, per arm
-    lr_check: bool = True                         # check the choice at the largest budget (grid neighbours, seed 0)
+    lr_check: str = 'up'                          # check the choice at the largest budget (seed 0) at its grid
+                                                  # neighbour above ('up'), both neighbours ('both'), or 'off'
     dense_checkpoint: Optional[str] = None
     pretrain_tokens: Optional[int] = None
     # training settings shared by all runs; None keeps the recipe's value
@@ -154,7 +156,9 @@ class StudyConfig:
                 raise ValueError(f'{key} must be a {cls.__name__}')
         if self.scale == 'tiny' and self.max_seq_len is not None and self.data.max_seq_len != self.max_seq_len:
             object.__setattr__(self, 'data', dataclasses.replace(self.data, max_seq_len=self.max_seq_len))
-        for key in ('progress', 'timing', 'lr_check'):
+        if self.lr_check not in LR_CHECKS:
+            raise ValueError(f'lr_check: {self.lr_check!r} is not one of {list(LR_CHECKS)}')
+        for key in ('progress', 'timing'):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f'{key} must be true or false, got {getattr(self, key)!r}')
         self._check_scale()

@@ -5,8 +5,9 @@ the VALIDATION split (the test split, which the verdicts use, plays no part). An
 its grid gets the grid extended one step beyond that edge (the grid's own ratio), up to `lr_extend` times, so that
 its optimum is bracketed; if it is still at the edge, the report says so. No cap applies to one arm and not the
 other: the lrs may exceed the pretraining peak (the regime section says so). The choice is then checked at the
-largest budget: each arm also trains there (seed 0) at its grid neighbours, and the report shows whether its
-shortest-budget choice is still the best of the three on validation.
+largest budget: each arm also trains there (seed 0) at its grid neighbours (`lr_check: both`), or only at the one
+above (`up`, the default: the optimum grows with the budget, docs/lr_sweep.md), and the report shows whether its
+shortest-budget choice is still the best of those on validation.
 """
 from __future__ import annotations
 
@@ -73,17 +74,21 @@ def select_lrs(study, dense) -> dict[str, Any]:
             'chosen': chosen, 'at_edge': edge}
 
 
+def neighbours(grid: list[float], lr: float, mode: str) -> list[float]:
+    """The lrs next to `lr` on its grid: below and above ('both'), or above only ('up'; one grid step past the top
+    of the grid if `lr` is its largest)."""
+    i = grid.index(lr)
+    above = grid[i + 1] if i + 1 < len(grid) else lr * (grid[-1] / grid[-2] if len(grid) > 1 else 2.0)
+    return ([grid[i - 1]] if mode == 'both' and i > 0 else []) + [above]
+
+
 def check_keys(study, sweep: dict[str, Any]) -> list[tuple[str, float, int, float]]:
-    """The runs of the largest-budget check: each arm at the grid neighbours of its choice (seed 0)."""
+    """The runs of the largest-budget check: each arm at the neighbours of its choice (seed 0)."""
     top = max(study.cfg.budgets)
-    if not study.cfg.lr_check or top == sweep['budget']:
+    if study.cfg.lr_check == 'off' or top == sweep['budget']:
         return []
-    keys = []
-    for arm, lr in sweep['chosen'].items():
-        grid = sweep['grids'][arm]
-        i = grid.index(lr)
-        keys += [(arm, top, 0, x) for x in grid[max(0, i - 1):i + 2] if x != lr]
-    return keys
+    return [(arm, top, 0, x) for arm, lr in sweep['chosen'].items()
+            for x in neighbours(sweep['grids'][arm], lr, study.cfg.lr_check)]
 
 
 def check_at_top(study, sweep: dict[str, Any], dense) -> Optional[dict[str, Any]]:
@@ -98,6 +103,7 @@ def check_at_top(study, sweep: dict[str, Any], dense) -> Optional[dict[str, Any]
         scores[arm][lr] = _score(study, arm, top, lr, dense)
     best = {arm: min((ce, lr) for lr, ce in s.items() if ce is not None)[1] for arm, s in scores.items()}
     cost = {arm: scores[arm][sweep['chosen'][arm]] - scores[arm][best[arm]] for arm in scores}
-    return {'budget': top, 'seed_index': 0, 'scores': {a: [[lr, ce] for lr, ce in sorted(s.items())]
+    return {'budget': top, 'seed_index': 0, 'mode': study.cfg.lr_check,
+            'scores': {a: [[lr, ce] for lr, ce in sorted(s.items())]
                                                        for a, s in scores.items()},
             'best': best, 'chosen_cost': cost}

@@ -196,8 +196,10 @@ def lr_lines(results: Mapping[str, Any]) -> list[str]:
         lines.append(f'- {arm_label(a)}: {lr.get(a):g}, {where}.')
     check = sweep.get('check')
     if check:
+        where = ('and the grid neighbours on both sides' if check.get('mode') == 'both' else
+                 'and one grid step above (the direction the optimum moves with the budget)')
         lines += ['', f'Check at the largest budget, {check["budget"]:g} (seed 0, validation): each arm at its choice '
-                  'and the grid neighbours.', '']
+                  f'{where}.', '']
         for a in names:
             row = ', '.join(f'{x:.3g}: {fmt(ce)}' for x, ce in check['scores'].get(a, []))
             cost = check['chosen_cost'].get(a)
