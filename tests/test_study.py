@@ -228,7 +228,7 @@ def test_config_from_yaml_and_flags(tmp_path):
     default = config_from_args(build_parser().parse_args(['study']))
     assert default.budgets == (0.1, 0.2, 0.4) and default.out == 'runs/default'
     assert (default.seeds, default.seeds_other, default.threads, default.timing) == (3, 3, 1, True)
-    assert default.lr_grid == (1.4e-3, 2.8e-3, 5.6e-3, 1.12e-2) and default.lr_check == 'up'
+    assert default.lr_grid == (2.8e-3, 5.6e-3, 1.12e-2, 2.24e-2) and default.lr_check == 'up'
     check_paths(default.replace(out=str(tmp_path / 'default')))  # the shipped recipes and data sources are valid
     args = build_parser().parse_args(['study', '--lr-sweep', '5e-4,1e-3', '--router-weights', 'softmax', '--seeds',
                                       '4', '--pretrain-tokens-per-param', '16,64', '--no-timing', '--upcycle-lr', '2e-3'])

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument('--lr', type=float, help='phase-2 lr of CPT (and of upcycling unless --upcycle-lr)')
     p.add_argument('--upcycle-lr', type=float, help='phase-2 lr of upcycling')
     p.add_argument('--lr-sweep', metavar='LR,LR,...', help='the phase-2 lr grid each arm is tried at, smallest budget, '
-                   'seed 0 (default 1.4e-3,2.8e-3,5.6e-3,1.12e-2 for the tiny study); each arm trains every budget at '
+                   'seed 0 (default 2.8e-3,5.6e-3,1.12e-2,2.24e-2 for the tiny study); each arm trains every budget at '
                    'its best on the validation split, the grid extended past an edge optimum')
     p.add_argument('--no-lr-sweep', action='store_true', help='no lr sweep: the recipes\' lrs (or --lr / --upcycle-lr)')
     p.add_argument('--router-weights', choices=('renormalized', 'softmax'), help='ablation: how the upcycled '

@@ -207,4 +207,9 @@ def lr_lines(results: Mapping[str, Any]) -> list[str]:
                        f'{check["best"][a]:.3g} is better by {cost:.4f} nats: the choice made at the shortest '
                        'budget under-tunes this arm at the largest')
             lines.append(f'- {arm_label(a)}: {row}; {verdict}.')
+        best = {a: dict((x, ce) for x, ce in check['scores'].get(a, [])).get(check['best'].get(a)) for a in names}
+        if all(v is not None for v in best.values()) and len(names) > 1:
+            lines += ['', 'With each arm at the best lr of this check instead (one seed, validation: a pointer, not a '
+                      'verdict): ' + ', '.join(f'{arm_short(a)} {fmt(best[a])} at {check["best"][a]:.3g}'
+                                                for a in names) + '.']
     return lines
