@@ -1,4 +1,4 @@
-"""The report from a synthetic results.json (schema 2): files, the 2-SE verdict per budget, the regime, router
+"""The report from a synthetic results.json (schema 3): files, the 2-SE verdict per budget, the regime, router
 health from jsonl-logged metrics, timing flags, missing data, errors; and the noise arithmetic it relies on."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from foundry_upcycle.study import figures as F
 from foundry_upcycle.study import report as R
 from foundry_upcycle.study import results as RS
 from foundry_upcycle.study import stats
@@ -75,7 +76,7 @@ def synthetic_results(budgets=(0.25, 0.5, 1.0), seeds=3, noise=0.01) -> dict:
              'eval': {'ce_generic': 3.5, 'ce_domain': 3.5, 'core_average': 0.015, 'tasks': {'copa': 0.5}}}
     lrs = {'cpt': 1e-3, 'upcycle': 1e-3}
     return {
-        'schema': 2, 'config': {'seed': 0, 'budgets': list(budgets)}, 'budgets': list(budgets), 'token_ratio': 1 / 1.3,
+        'schema': 3, 'config': {'seed': 0, 'budgets': list(budgets)}, 'budgets': list(budgets), 'token_ratio': 1 / 1.3,
         'missing_eval_tasks': ['hellaswag', 'mmlu'], 'dense': dense, 'arms': arms,
         'comparisons': RS.comparisons(arms, list(budgets)),
         'regime': RS.regime(dense, arms, 512, 3e-3, lrs),
@@ -100,9 +101,9 @@ def test_report_and_plots(tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 20_000, name
         assert f']({name})' in text
     # budget 1 has 3 seeds; budgets 0.25 / 0.5 one each, judged with the pooled seed spread (std 0.01)
-    assert '- budget 1: **upcycled (MoE)** ahead: 2.9000 (upcycled) vs 3.0000 (CPT), gap 0.1000' in text
+    assert '- budget 1: **upcycled (MoE)** ahead: 2.9000 (upcycling) vs 3.0000 (CPT), gap 0.1000' in text
     assert '- budget 0.25: **CPT (dense)** ahead' in text
-    assert 'Upcycled ahead at 2, CPT ahead at 1, within noise at 0 of 3 budgets' in text
+    assert 'upcycled (MoE) ahead at 2, CPT (dense) ahead at 1, within noise at 0 of 3 budgets' in text
     assert 'token ratio at matched FLOPs: 0.769' in text
     assert 'hellaswag, mmlu' in text and 'near chance' in text
     assert '**Regime: paper regime (over-trained base).**' in text and '| 64.0 | 100-460 |' in text
@@ -117,7 +118,7 @@ def test_a_gap_inside_two_standard_errors_is_within_noise(tmp_path):
     results = synthetic_results(noise=0.2)                            # seed spread 0.2: the 0.1 gap is noise
     results['comparisons'] = RS.comparisons(results['arms'], results['budgets'])
     text = R.write_report(results, tmp_path).read_text()
-    assert '- budget 1: within noise: 2.9000 (upcycled) vs 3.0000 (CPT)' in text
+    assert '- budget 1: within noise: 2.9000 (upcycling) vs 3.0000 (CPT)' in text
     assert R.ce_winner(results, 1.0)[0] == 'within noise'
     one_seed = synthetic_results(seeds=1)                             # no seed spread anywhere: no verdict
     one_seed['comparisons'] = RS.comparisons(one_seed['arms'], one_seed['budgets'])
@@ -150,7 +151,7 @@ def test_missing_values_do_not_break_the_report(tmp_path):
     assert '- budget 0.8: not measured' in text and 'without a verdict)' in text
     assert 'No eval tasks were missing.' in text and 'No router metrics were logged' in text
     assert 'Step times were not measured' in text
-    assert R.relative_gain(0.05, -0.01) is None and R.relative_gain(0.06, 0.05) == pytest.approx(20.0)
+    assert F.relative_gain(0.05, -0.01) is None and F.relative_gain(0.06, 0.05) == pytest.approx(20.0)
     assert (tmp_path / R.FIGURES['loss']).read_bytes().startswith(PNG_MAGIC)
 
 
@@ -168,7 +169,7 @@ def test_bad_results_are_clear_errors(tmp_path):
     for mutate, match in [
         (lambda r: r.update(schema=1), 'results.schema'),
         (lambda r: r.update(budgets=[]), 'results.budgets'),
-        (lambda r: r['arms'][0].update(arm='moe'), r'results.arms\[0\]'),
+        (lambda r: r['arms'][0].update(arm=3), r'results.arms\[0\]'),
     ]:
         bad = copy.deepcopy(good)
         mutate(bad)

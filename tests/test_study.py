@@ -60,14 +60,14 @@ def small_config(text_dirs, out: Path, **changes) -> StudyConfig:
 
 @pytest.mark.slow
 def test_reduced_study_end_to_end(text_dirs, tmp_path, monkeypatch):
-    # --- a full run: results.json (schema 2), report.md, the plots, the cost section
+    # --- a full run: results.json (schema 3), report.md, the plots, the cost section
     study = P.Study(small_config(text_dirs, tmp_path / 'a'))
     results = study.run()
     out = tmp_path / 'a'
     on_disk = json.loads((out / 'results.json').read_text())
     check_results(on_disk)
     assert on_disk == json.loads(json.dumps(results))
-    assert on_disk['schema'] == 2 and on_disk['budgets'] == [0.5, 1.0] and len(on_disk['arms']) == 4
+    assert on_disk['schema'] == 3 and on_disk['budgets'] == [0.5, 1.0] and len(on_disk['arms']) == 4
     ratio = on_disk['token_ratio']
     assert 0.3 < ratio < 1
     for arm in on_disk['arms']:
@@ -97,8 +97,8 @@ def test_reduced_study_end_to_end(text_dirs, tmp_path, monkeypatch):
         loads = [up['router'][f'layer{i}/load/expert{e}'][-1][1] for e in range(4)]
         assert sum(loads) == pytest.approx(1.0, abs=1e-4)
     assert up['per_seed'][0]['router_seed'] != up['per_seed'][1]['router_seed']
-    assert set(on_disk['comparisons']['1']) == {'ce_domain', 'core_average'}
-    assert on_disk['comparisons']['1']['ce_domain']['se_source']['cpt'] == '2 seeds'
+    assert set(on_disk['comparisons']['upcycle']['1']) == {'ce_domain', 'core_average'}
+    assert on_disk['comparisons']['upcycle']['1']['ce_domain']['se_source']['cpt'] == '2 seeds'
     assert on_disk['regime']['base_tokens_per_param'] < 1 and not on_disk['regime']['tests_paper_claim']
     t = on_disk['timing']
     assert t['step_time_s']['cpt'] > 0 and t['ratio'] > 0 and isinstance(t['loaded'], bool)

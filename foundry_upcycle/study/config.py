@@ -22,20 +22,23 @@ Example study.yaml (the CLI flags override it):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional
 
-from foundry_upcycle.study.data import DataConfig
+from foundry_upcycle.study import arms as arm_registry
+from foundry_upcycle.study.data_config import DataConfig
+from foundry_upcycle.study.eval_config import EvalConfig, InferenceConfig, shipped_eval_data
+from foundry_upcycle.study.presets import PRESETS
+from foundry_upcycle.study.validators import (MAX_BUDGET, _is_int, _is_number, _mapping, _path_or_none,
+                                              _positive_int, _reject_unknown, parse_budgets, parse_numbers)
 
 SCALES = ('tiny', '436m', '1.4b')
 PAPER_BUDGETS = (0.1, 0.2, 0.4, 0.8, 1.0)
 # The paper's budgets that fit the 20-minute CPU default with 3 seeds at the largest (docs/study_design.md).
 DEFAULT_BUDGETS = (0.1, 0.2, 0.4)
-MAX_BUDGET = 10.0
 # 850 steps x 32 x 128 tokens = 3.48M tokens for the 54,432-parameter default base: 64 tokens per parameter.
 DEFAULT_PRETRAIN_STEPS = 850
 DEFAULT_SEEDS = 3
@@ -44,165 +47,9 @@ DEFAULT_SEEDS_OTHER = 2
 # tiny models ~3x faster than two (busy-waiting OpenMP threads); its CPU time per step is the idle wall time.
 DEFAULT_THREADS = 1
 ROUTER_WEIGHTS = ('renormalized', 'softmax')
-# Named study settings (`--preset NAME`; flags and --config keys override them).
-PRESETS: dict[str, dict[str, Any]] = {
-    # The study's earlier default, kept for comparison: an UNDER-trained base (1.21M parameters, 600 steps x 8 x 128
-    # tokens = 614k tokens, 0.5 tokens per parameter, near chance on the domain), both arms at lr 1e-3. The report
-    # says it is not the paper's regime.
-    'undertrained': {
-        'budgets': [0.1, 0.2, 0.4, 0.8, 1.0], 'seeds': 3, 'seeds_other': 1, 'pretrain_steps': 600,
-        'global_batch_size': 8, 'lr': 1.0e-3, 'upcycle_lr': 1.0e-3,
-        'model': {'d_model': 128, 'n_heads': 4, 'n_layers': 4, 'attn_config': {'kv_n_heads': 2}},
-        'data': {'vocab_size': 2048, 'generic_train_chars': 3_000_000, 'domain_train_chars': 3_000_000,
-                 'code_fraction': 0.5, 'generic_code_fraction': 0.0},
-    },
-}
 REPO = Path(__file__).resolve().parents[2]
-
-
-SHIPPED_EVAL_DATA = Path(__file__).resolve().parent / 'eval_data'
-
-
-def shipped_eval_data() -> Path:
-    """The samples of the default gauntlet tasks shipped in the package (eval_data/SOURCES.md)."""
-    return SHIPPED_EVAL_DATA
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _positive_int(value: Any, key: str, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not _is_int(value) or value < 1:
-        raise ValueError(f'{key} must be a positive integer, got {value!r}')
-
-
-def _path_or_none(value: Any, key: str) -> Optional[str]:
-    if value is None:
-        return None
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise ValueError(f'{key} must be a non-empty path, got {value!r}')
-    return str(value)
-
-
-def _reject_unknown(block: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
-    unknown = sorted(set(block) - set(allowed))
-    if unknown:
-        raise ValueError(f'{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}')
-
-
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ValueError(f'{where} must be a mapping, got {type(value).__name__}')
-    return dict(value)
-
-
-def parse_numbers(value: str, where: str) -> tuple[float, ...]:
-    """'5e-4, 1e-3' -> (0.0005, 0.001); ValueError naming `where` for anything else."""
-    out = []
-    for item in (s.strip() for s in value.split(',')):
-        if not item:
-            continue
-        try:
-            out.append(float(item))
-        except ValueError:
-            raise ValueError(f'{where}: {item!r} is not a number') from None
-    return tuple(out)
-
-
-def parse_budgets(value: Union[str, Sequence[Any]], where: str = 'budgets') -> tuple[float, ...]:
-    """'0.25,0.5,1' or [0.25, 0.5, 1] -> (0.25, 0.5, 1.0): numbers in (0, MAX_BUDGET], no duplicates, sorted."""
-    items = [s.strip() for s in value.split(',') if s.strip()] if isinstance(value, str) else list(value)
-    if not items:
-        raise ValueError(f'{where}: give at least one budget (fractions of the pretraining FLOPs, e.g. 0.1,0.5,1)')
-    out = []
-    for item in items:
-        try:
-            b = float(item) if isinstance(item, str) else item
-        except ValueError:
-            raise ValueError(f'{where}: {item!r} is not a number') from None
-        if not _is_number(b) or not 0 < b <= MAX_BUDGET:
-            raise ValueError(f'{where}: {item!r} is not a budget; each must be a number in (0, {MAX_BUDGET:g}] '
-                             '(a fraction of the dense pretraining FLOPs)')
-        out.append(float(b))
-    dupes = sorted({b for b in out if out.count(b) > 1})
-    if dupes:
-        raise ValueError(f'{where}: duplicate budget(s) {[f"{b:g}" for b in dupes]}')
-    return tuple(sorted(out))
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """local_data: llm-foundry's `scripts/eval/local_data` checkout; 'auto' = the samples shipped in the package
-    (the same on every machine), None = no ICL eval (cross-entropy only). tasks / max_examples_per_task: see
-    gauntlet.GauntletSpec."""
-    local_data: Optional[str] = 'auto'
-    tasks: Union[str, tuple[str, ...]] = 'default'
-    max_examples_per_task: Optional[int] = 40
-    batch_size: int = 32
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.local_data != 'auto':
-            object.__setattr__(self, 'local_data', _path_or_none(self.local_data, 'eval.local_data'))
-        if isinstance(self.tasks, (list, tuple)):
-            object.__setattr__(self, 'tasks', tuple(self.tasks))
-        elif self.tasks not in ('default', 'all'):
-            raise ValueError(f"eval.tasks: expected 'default', 'all' or a list of task names, got {self.tasks!r}")
-        _positive_int(self.max_examples_per_task, 'eval.max_examples_per_task', optional=True)
-        _positive_int(self.batch_size, 'eval.batch_size')
-        if not _is_int(self.seed):
-            raise ValueError(f'eval.seed must be an integer, got {self.seed!r}')
-
-    def resolved_local_data(self) -> Optional[str]:
-        if self.local_data == 'auto':
-            return str(shipped_eval_data())
-        return self.local_data
-
-    def local_data_id(self) -> Optional[str]:
-        """What the eval data is, independent of where this checkout lives (for stage hashes and results.json)."""
-        if self.local_data == 'auto':
-            import hashlib
-            h = hashlib.sha256()
-            for f in sorted(shipped_eval_data().rglob('*.jsonl')):
-                h.update(f.relative_to(shipped_eval_data()).as_posix().encode() + b'\0' + f.read_bytes())
-            return f'shipped:{h.hexdigest()[:16]}'
-        return self.local_data
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    """Export + benchmark of the largest-budget CPT and upcycled models. None: defaults for the device
-    (CPU: 64 in / 16 out tokens, 8 requests, batches 1 and 4; GPU: the paper's 3500 / 300, 64 requests,
-    batches 1-64), shortened to fit the model's max_seq_len."""
-    skip: bool = False
-    input_tokens: Optional[int] = None
-    output_tokens: Optional[int] = None
-    num_requests: Optional[int] = None
-    batch_sizes: Optional[tuple[int, ...]] = None
-    top_ks: Optional[tuple[int, ...]] = None      # None: 1 and the study's top_k
-
-    def __post_init__(self):
-        if not isinstance(self.skip, bool):
-            raise ValueError(f'inference.skip must be true or false, got {self.skip!r}')
-        for key in ('input_tokens', 'output_tokens'):
-            _positive_int(getattr(self, key), f'inference.{key}', optional=True)
-        _positive_int(self.num_requests, 'inference.num_requests', optional=True)
-        for key in ('batch_sizes', 'top_ks'):
-            value = getattr(self, key)
-            if value is None:
-                continue
-            if not isinstance(value, (list, tuple)) or not value or not all(_is_int(v) and v > 0 for v in value):
-                raise ValueError(f'inference.{key} must be a non-empty list of positive integers, got {value!r}')
-            object.__setattr__(self, key, tuple(value))
+__all__ = ['StudyConfig', 'EvalConfig', 'InferenceConfig', 'DataConfig', 'PRESETS', 'MAX_BUDGET', 'REPO',
+           'check_paths', 'check_writable', 'merge', 'parse_budgets', 'parse_numbers', 'shipped_eval_data']
 
 
 _NESTED = {'data': DataConfig, 'eval': EvalConfig, 'inference': InferenceConfig}
@@ -217,6 +64,7 @@ class StudyConfig:
     seed: int = 17                                # dense base seed; phase-2 seed i trains with seed + i
     seeds: int = DEFAULT_SEEDS                    # phase-2 seeds (data order + router init) at the largest budget
     seeds_other: int = DEFAULT_SEEDS_OTHER        # ... and at every other budget
+    arms: tuple[str, ...] = arm_registry.DEFAULT_ARMS   # phase-2 arms (study/arms.py); the first is the baseline
     # dense base: pretrained here (tiny), or given (dense_checkpoint + the tokens it was pretrained on)
     pretrain_steps: Optional[int] = None          # None: DEFAULT_PRETRAIN_STEPS, or from pretrain_tokens_per_param
     pretrain_tokens_per_param: tuple[float, ...] = ()   # one value: the base's length; several: one study each
@@ -257,6 +105,7 @@ class StudyConfig:
         _positive_int(self.pretrain_steps, 'pretrain_steps', optional=True)
         _positive_int(self.seeds, 'seeds')
         _positive_int(self.seeds_other, 'seeds_other')
+        self._check_arms()
         for key in ('pretrain_tokens_per_param', 'lr_sweep'):
             value = getattr(self, key)
             value = parse_numbers(value, key) if isinstance(value, str) else tuple(value or ())
@@ -299,6 +148,18 @@ class StudyConfig:
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f'{key} must be true or false, got {getattr(self, key)!r}')
         self._check_scale()
+
+    def _check_arms(self) -> None:
+        value = self.arms.split(',') if isinstance(self.arms, str) else self.arms
+        if not isinstance(value, (list, tuple)) or not all(isinstance(a, str) for a in value):
+            raise ValueError(f'arms must be a list of arm names, got {self.arms!r}')
+        value = tuple(a.strip() for a in value)
+        for name in value:
+            arm_registry.get(name)            # ValueError naming the unknown arm
+        if len(set(value)) != len(value) or len(value) < 2 or value[0] != arm_registry.BASELINE:
+            raise ValueError(f'arms must start with the baseline {arm_registry.BASELINE!r} and name at least one '
+                             f'other arm, each once; got {list(value)}')
+        object.__setattr__(self, 'arms', value)
 
     def _check_scale(self) -> None:
         if (self.dense_checkpoint is None) != (self.pretrain_tokens is None):

@@ -1,17 +1,23 @@
-"""A training run of the study as data: recipe kind, hashed settings, unhashed paths; and the resolved foundry config."""
+"""A training run of the study as data (recipe kind, hashed settings, unhashed paths), how the study sets one up
+(`RunBuilder`: its variables, data paths, seeds, warm-up, lr, monitors) and its resolved foundry config."""
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Optional
 
+from foundry_upcycle.study import arms
 from foundry_upcycle.study.config import StudyConfig
+
+ROUTER_POINTS = 50               # router metrics logged about this many times per upcycled run
 
 
 @dataclass(frozen=True)
 class RunSpec:
     """One training run: a recipe, its variables and study-level settings; paths are kept apart from the hash."""
-    kind: str                                  # pretrain | cpt | upcycle
+    kind: str                                  # recipe: pretrain | cpt | upcycle
     settings: dict[str, Any]                   # hashed: variables and top-level keys that change the result
     paths: dict[str, Any] = field(default_factory=dict)   # not hashed: where things are
     display: dict[str, Any] = field(default_factory=dict)  # not hashed: console output only
@@ -82,3 +88,98 @@ def run_lr(run: Mapping[str, Any]) -> float:
     """The learning rate a resolved run trains with (the upcycle block's `lr` wins for upcycling)."""
     block = run.get('upcycle') or {}
     return float(block['lr'] if block.get('lr') is not None else run['optimizer']['lr'])
+
+
+class RunBuilder:
+    """The RunSpec of each run of a study: `spec(what, ...)` with `what` 'pretrain' or an arm name; `resolve`
+    turns it into the foundry config (paths as `<name>` placeholders when hashing)."""
+
+    def __init__(self, cfg: StudyConfig, data: Any = None, nproc: Optional[int] = None):
+        self.cfg, self.data, self.nproc = cfg, data, nproc     # data: DataArtifacts (tiny) or None
+
+    def data_paths(self) -> dict[str, Any]:
+        if self.cfg.scale == 'tiny':
+            a = self.data
+            return {'tokenizer': str(a.tokenizer_dir), 'train': str(a.mds['domain']),
+                    'pretrain': str(a.mds['generic']),
+                    'val': {'generic': str(a.mds['generic'] / 'val'), 'domain': str(a.mds['domain'] / 'val')}}
+        val = {'domain': str(Path(self.cfg.mds_dir) / 'val')}
+        if self.cfg.generic_mds_dir:
+            val['generic'] = str(Path(self.cfg.generic_mds_dir) / 'val')
+        return {'tokenizer': str(Path(self.cfg.tokenizer).absolute()), 'train': str(Path(self.cfg.mds_dir).absolute()),
+                'val': val}
+
+    def seq_len(self) -> Optional[int]:
+        return self.cfg.max_seq_len or (self.cfg.data.max_seq_len if self.cfg.scale == 'tiny' else None)
+
+    def spec(self, what: str, steps: int, name: str, dense_checkpoint: Optional[str] = None,
+             seed_index: int = 0, lr: Optional[float] = None) -> RunSpec:
+        """One run. seed_index i (phase 2): data order seed cfg.seed + i, router seed block seed + i."""
+        cfg, tiny = self.cfg, self.cfg.scale == 'tiny'
+        arm = None if what == 'pretrain' else arms.get(what)
+        kind = 'pretrain' if arm is None else arm.recipe
+        dp = self.data_paths() if (self.data is not None or not tiny) else {}
+        variables: dict[str, Any] = {'run_name': name, 'seed': cfg.seed + seed_index, 'max_duration': f'{steps}ba'}
+        top: dict[str, Any] = {'eval_first': False, 'eval_interval': f'{steps}ba', 'eval_subset_num_batches': 8}
+        settings: dict[str, Any] = {'variables': variables, 'top': top}
+        display = {
+            'progress_bar': cfg.progress and (self.nproc or 1) == 1, 'log_to_console': False,
+            'console_log_interval': f'{max(1, steps // 10)}ba',
+            'python_log_level': 'info' if logging.getLogger('foundry_upcycle').isEnabledFor(logging.DEBUG)
+            else 'warning',
+        }
+        paths: dict[str, Any] = {'save_folder': '<unset>'}
+        seq = self.seq_len()
+        if seq:
+            variables['max_seq_len'] = seq
+        if cfg.global_batch_size:
+            variables['global_batch_size'] = cfg.global_batch_size
+        if kind == 'pretrain':
+            if cfg.pretrain_lr:
+                variables['lr'] = cfg.pretrain_lr
+        elif kind == 'cpt':
+            if lr is not None or cfg.lr:
+                variables['lr'] = lr if lr is not None else cfg.lr
+        else:
+            if lr is not None or cfg.lr:
+                variables['lr'] = lr if lr is not None else cfg.lr
+            block: dict[str, Any] = dict(arm.upcycle)
+            if lr is not None:
+                block['lr'] = lr
+            if seed_index:
+                base = cfg.upcycle.get('seed', self._recipe_block_seed())
+                block['seed'] = int(base) + seed_index
+            if block:
+                settings['upcycle'] = block
+            # router health (per-layer expert load, entropy, expert spread, LBL) into the run's jsonl log
+            top['callbacks'] = {'upcycle_router_monitor': {'interval': max(1, steps // ROUTER_POINTS)}}
+        if kind != 'pretrain':
+            variables['warmup'] = warmup(steps, cfg.warmup_fraction)
+            paths['dense_checkpoint'] = dense_checkpoint
+        if tiny:
+            variables.update(save_interval=f'{max(1, min(steps, 100))}ba', eval_interval=f'{steps}ba')
+            if self.data is not None and 'vocab_size' not in cfg.model:
+                top['model'] = {'vocab_size': self.data.vocab_size}
+            pretrain = kind == 'pretrain'
+            paths.update(data_dir=dp.get('pretrain' if pretrain else 'train'),
+                         eval_data_dir=dp.get('train' if pretrain else 'pretrain'), tokenizer=dp.get('tokenizer'))
+        else:
+            paths.update(data_local=dp.get('train'), tokenizer_name=dp.get('tokenizer'))
+            variables['tokenizer_kwargs'] = {'model_max_length': seq} if seq else {}
+        return RunSpec(kind, settings, {'variables': paths}, display)
+
+    def _recipe_block_seed(self) -> int:
+        from omegaconf import OmegaConf as om
+        raw = om.to_container(om.load(self.cfg.recipe_path('upcycle')), resolve=False)
+        return int((raw.get('upcycle') or {}).get('seed', 0))
+
+    def resolve(self, spec: RunSpec, work: Optional[Path] = None, placeholders: bool = False) -> dict[str, Any]:
+        spec = copy.deepcopy(spec)
+        if work is not None:
+            spec.paths['variables']['save_folder'] = str(work / 'checkpoints')
+        run = build_recipe(self.cfg, spec, placeholders)
+        if work is not None:
+            run['loggers'] = {**(run.get('loggers') or {}), 'jsonl': {'path': str(work / 'metrics.jsonl')}}
+        else:
+            run.pop('loggers', None)
+        return run

@@ -4,9 +4,10 @@ upcycling's gain over CPT (held-out domain CE, at each budget) changes with the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from foundry_upcycle.atomic import atomic_write
+from foundry_upcycle.study.arms import PRIMARY
 from foundry_upcycle.study.config import StudyConfig
 
 FIGURE = 'gain_vs_pretraining.png'
@@ -24,7 +25,7 @@ def summarize(per_base: Mapping[float, Mapping[str, Any]]) -> dict[str, Any]:
                       'tokens_per_param': res['regime']['base_tokens_per_param'],
                       'base_ce_domain': res['regime']['base_ce_domain'], 'regime': res['regime']['label'],
                       'tests_paper_claim': res['regime']['tests_paper_claim'],
-                      'budgets': {b: c['ce_domain'] for b, c in res['comparisons'].items()}})
+                      'budgets': {b: c['ce_domain'] for b, c in res['comparisons'][PRIMARY].items()}})
     return {'schema': 1, 'metric': 'ce_domain (upcycled - CPT; negative = upcycling ahead)', 'bases': bases}
 
 
@@ -70,10 +71,10 @@ def plot(summary: Mapping[str, Any], path: Path) -> None:
     atomic_write(str(path), lambda tmp: fig.savefig(tmp, format='png', dpi=110))
 
 
-def run_regimes(cfg: StudyConfig) -> dict[str, Any]:
-    from foundry_upcycle.study.pipeline import Study
+def run_regimes(cfg: StudyConfig, run_one: Callable[[StudyConfig], Mapping[str, Any]]) -> dict[str, Any]:
+    """`run_one(sub_config)` for each base length (the pipeline passes its Study), then the comparison."""
     from foundry_upcycle.study.results import write_json
-    per_base = {tpp: Study(sub_config(cfg, tpp)).run() for tpp in cfg.regimes}
+    per_base = {tpp: run_one(sub_config(cfg, tpp)) for tpp in cfg.regimes}
     summary = summarize(per_base)
     out = Path(cfg.out)
     write_json(out / 'regimes.json', summary)

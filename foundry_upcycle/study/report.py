@@ -1,380 +1,54 @@
-"""The study report: `report.md` and PNG plots from a results.json (schema 2, see study/results.py).
-
-Plots (Matplotlib, object API, no pyplot state):
-- figure1_upcycle_vs_cpt.png: the paper's Figure 1, relative core-average gain of upcycling over CPT and final
-  cross-entropy of both arms (mean over seeds, error bars: 2 standard errors) against the training budget;
-- figure4_core_average.png: the paper's Figure 4, absolute core average of both arms and the dense baseline;
-- loss_curves.png: training loss of both arms (seed 0), one panel per budget;
-- throughput.png: interleaved, warmed-up step times of both arms and their ratio against the FLOP ratio;
-- router.png (when the runs logged `router/...` through the `upcycle_router_monitor` callback): per-layer expert
-  load heatmap at the end of the largest budget's upcycled run, and router entropy / expert spread / LBL curves.
+"""The study report: `report.md` (and, through study/figures.py, its PNG figures) from a results.json.
 
 A winner is named only when the gap exceeds twice its standard error (results['comparisons']).
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from foundry_upcycle.atomic import atomic_write
+from foundry_upcycle.study import arms as arm_registry
+from foundry_upcycle.study.arms import short as arm_short
+from foundry_upcycle.study.arms import label as arm_label
+from foundry_upcycle.study.figures import (FIGURES, ROUTER_FIGURE, plot_figure1, plot_figure4, plot_loss_curves,
+                                           plot_router, plot_throughput, router_summary)
+from foundry_upcycle.study.results_view import (arm_names, budgets_of, check_results, eval_value,
+                                                find_arm, flop_ratio, num)
 
-SCHEMA = 2
-ARMS = ('cpt', 'upcycle')
-LABEL = {'cpt': 'CPT (dense)', 'upcycle': 'upcycled (MoE)', 'dense': 'dense base (before CPT / upcycling)'}
-COLOR = {'cpt': '#1f77b4', 'upcycle': '#d62728', 'dense': '#444444'}
-BUDGET_AXIS = 'training budget (fraction of the dense pretraining FLOPs)'
-# Below this chance-normalised score a relative change divides by noise.
-MIN_BASE_FOR_RELATIVE = 0.01
 TINY_PARAMS = 100_000_000     # below this the report warns that gauntlet scores are near chance
-FIGURES = {
-    'figure1': 'figure1_upcycle_vs_cpt.png',
-    'figure4': 'figure4_core_average.png',
-    'loss': 'loss_curves.png',
-    'throughput': 'throughput.png',
-}
-ROUTER_FIGURE = 'router.png'
-VERDICT = {'upcycle': 'upcycled ahead', 'cpt': 'CPT ahead', 'within noise': 'within noise', 'n/a': 'no verdict'}
 
 
-# ------------------------------------------------------------------------------------------------ reading
+def comparison(results: Mapping[str, Any], arm: str, budget: float, metric: str) -> Optional[Mapping[str, Any]]:
+    return (((results.get('comparisons') or {}).get(arm) or {}).get(f'{budget:g}') or {}).get(metric)
 
 
-def _num(x: Any) -> Optional[float]:
-    """A finite float, or None for missing / non-numeric / NaN values."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return None
-    return float(x)
-
-
-def _eval(entry: Optional[Mapping[str, Any]], key: str) -> Optional[float]:
-    return _num(((entry or {}).get('eval') or {}).get(key))
-
-
-def check_results(results: Any) -> None:
-    """ValueError naming what is wrong when `results` does not follow schema 2."""
-    if not isinstance(results, Mapping):
-        raise ValueError(f'results: expected a mapping (results.json object), got {type(results).__name__}')
-    if results.get('schema') != SCHEMA:
-        raise ValueError(f'results.schema is {results.get("schema")!r}; this report reads schema {SCHEMA}')
-    if not isinstance(results.get('budgets'), list) or not results['budgets'] \
-            or any(_num(b) is None for b in results['budgets']):
-        raise ValueError(f'results.budgets must be a non-empty list of numbers, got {results.get("budgets")!r}')
-    if not isinstance(results.get('arms'), list):
-        raise ValueError('results.arms must be a list')
-    for i, arm in enumerate(results['arms']):
-        if not isinstance(arm, Mapping) or arm.get('arm') not in ARMS or _num(arm.get('budget')) is None:
-            raise ValueError(f'results.arms[{i}] needs arm in {ARMS} and a numeric budget, got {arm!r}')
-
-
-def _arm(results: Mapping[str, Any], arm: str, budget: float) -> Optional[Mapping[str, Any]]:
-    return next((a for a in results['arms'] if a['arm'] == arm and math.isclose(a['budget'], budget)), None)
-
-
-def _budgets(results: Mapping[str, Any]) -> list[float]:
-    return sorted(float(b) for b in results['budgets'])
-
-
-def relative_gain(upcycle: Optional[float], cpt: Optional[float]) -> Optional[float]:
-    """(upcycle - cpt) / cpt in percent; None when either is missing or CPT is at chance (<= 0.01)."""
-    if upcycle is None or cpt is None or cpt <= MIN_BASE_FOR_RELATIVE:
-        return None
-    return 100.0 * (upcycle - cpt) / cpt
-
-
-def ce_winner(results: Mapping[str, Any], budget: float, metric: str = 'ce_domain') -> tuple[str, str]:
-    """('cpt' | 'upcycle' | 'within noise' | 'n/a', a sentence) for one budget, by the 2-standard-error rule."""
-    c = ((results.get('comparisons') or {}).get(f'{budget:g}') or {}).get(metric)
-    if not c or c.get('upcycle') is None or c.get('cpt') is None:
+def ce_winner(results: Mapping[str, Any], budget: float, metric: str = 'ce_domain',
+              arm: str = arm_registry.PRIMARY) -> tuple[str, str]:
+    """(arm | baseline | 'within noise' | 'n/a', a sentence) for one arm against the baseline at one budget."""
+    c = comparison(results, arm, budget, metric)
+    if not c or c.get('value') is None or c.get('baseline_value') is None:
         return 'n/a', 'not measured (an arm or its value is missing)'
     fmt = '.4f' if metric.startswith('ce') else '.3f'
-    values = f'{c["upcycle"]:{fmt}} (upcycled) vs {c["cpt"]:{fmt}} (CPT)'
-    gap = abs(c['upcycle'] - c['cpt'])
+    values = (f'{c["value"]:{fmt}} ({arm_short(arm)}) vs {c["baseline_value"]:{fmt}} '
+              f'({arm_short(c["baseline"])})')
+    gap = abs(c['value'] - c['baseline_value'])
     if c['winner'] == 'n/a':
         return 'n/a', f'{values}: no noise estimate (one seed), no verdict'
     se = f'gap {gap:{fmt}}, 2 SE = {2 * c["se"]:{fmt}}'
     if c['winner'] == 'within noise':
         return 'within noise', f'within noise: {values}, {se}'
-    return c['winner'], f'**{LABEL[c["winner"]]}** ahead: {values}, {se}'
-
-
-def _err(entry: Optional[Mapping[str, Any]], metric: str) -> Optional[float]:
-    """2 x the standard error of an arm's mean (for error bars), or None."""
-    if not entry:
-        return None
-    if metric == 'core_average':
-        b = _num(entry.get('core_average_binomial_se'))
-        s = _num((entry.get('eval_sem') or {}).get(metric)) or 0.0
-        return None if b is None else 2 * math.sqrt(b * b + s * s)
-    s = _num((entry.get('eval_sem') or {}).get(metric))
-    return None if s is None else 2 * s
-
-
-# ------------------------------------------------------------------------------------------------ plots
-
-
-def _series(results, arm: str, key_fn) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for b in _budgets(results):
-        y = key_fn(_arm(results, arm, b))
-        if y is not None:
-            xs.append(b)
-            ys.append(y)
-    return xs, ys
-
-
-def _budget_axis(ax, results) -> None:
-    budgets = _budgets(results)
-    pad = 0.07 * ((budgets[-1] - budgets[0]) or 1.0)
-    ax.set_xlim(budgets[0] - pad, budgets[-1] + pad)
-    ax.set_xlabel(BUDGET_AXIS)
-    ax.set_xticks(budgets)
-    ax.set_xticklabels([f'{b:g}' for b in budgets])
-    ax.grid(True, alpha=0.3)
-
-
-def _legend_below(ax) -> None:
-    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
-
-
-def _new_figure(ncols: int, nrows: int = 1, width: float = 6.0, height: float = 4.4):
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(width * ncols, height * nrows), layout='constrained')
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
-
-
-def _save(fig, path: Path) -> None:
-    atomic_write(str(path), lambda tmp: fig.savefig(tmp, format='png', dpi=110))
-
-
-def plot_figure1(results: Mapping[str, Any], path: Path) -> None:
-    fig, axes = _new_figure(2)
-    ax = axes[0][0]
-    xs, gains, na = [], [], []
-    for b in _budgets(results):
-        g = relative_gain(*(_eval(_arm(results, a, b), 'core_average') for a in ('upcycle', 'cpt')))
-        if g is None:
-            na.append(b)
-        else:
-            xs.append(b)
-            gains.append(g)
-    ax.axhline(0, color='black', lw=0.8)
-    if xs:
-        ax.plot(xs, gains, 'o-', color=COLOR['upcycle'], lw=2, label='upcycled vs CPT')
-    for b in na:
-        ax.annotate('n/a', (b, 0), textcoords='offset points', xytext=(0, 8), ha='center', color='gray')
-    ax.set_ylabel('relative core-average gain of upcycled over CPT (%)')
-    ax.set_title('Core average: upcycled vs CPT\n(n/a: missing, or CPT at chance level)')
-    _budget_axis(ax, results)
-    if xs:
-        ax.legend(loc='best')
-    ax = axes[0][1]
-    for arm in ARMS:
-        bx, by = _series(results, arm, lambda a: _eval(a, 'ce_domain'))
-        errs = [_err(_arm(results, arm, b), 'ce_domain') or 0.0 for b in bx]
-        if bx:
-            ax.errorbar(bx, by, yerr=errs, fmt='o-', color=COLOR[arm], capsize=3,
-                        label=f'{LABEL[arm]}: held-out domain CE (bars: 2 SE over seeds)')
-        bx, by = _series(results, arm, lambda a: _num((a or {}).get('train_ce_final')))
-        if bx:
-            ax.plot(bx, by, 's--', color=COLOR[arm], alpha=0.6, label=f'{LABEL[arm]}: final train CE (last 5%)')
-    dense_ce = _eval(results.get('dense'), 'ce_domain')
-    if dense_ce is not None:
-        ax.axhline(dense_ce, color=COLOR['dense'], ls=':', label=f'{LABEL["dense"]}: held-out domain CE')
-    ax.set_ylabel('cross-entropy (nats/token, lower is better)')
-    ax.set_title('Final cross-entropy of both arms')
-    _budget_axis(ax, results)
-    _legend_below(ax)
-    fig.suptitle('Figure 1: upcycling vs continued pretraining at matched training FLOPs')
-    _save(fig, path)
-
-
-def plot_figure4(results: Mapping[str, Any], path: Path) -> None:
-    fig, axes = _new_figure(1, width=7.0)
-    ax = axes[0][0]
-    for arm in ARMS:
-        bx, by = _series(results, arm, lambda a: _eval(a, 'core_average'))
-        errs = [_err(_arm(results, arm, b), 'core_average') or 0.0 for b in bx]
-        if bx:
-            ax.errorbar(bx, by, yerr=errs, fmt='o-', color=COLOR[arm], lw=2, capsize=3,
-                        label=f'{LABEL[arm]} (bars: 2 SE, binomial + seeds)')
-    dense = _eval(results.get('dense'), 'core_average')
-    if dense is not None:
-        ax.axhline(dense, color=COLOR['dense'], ls='--', label=LABEL['dense'])
-    ax.axhline(0, color='gray', lw=0.8, ls=':', label='random guessing (0)')
-    ax.set_ylabel('eval gauntlet core average (chance-normalised accuracy)')
-    ax.set_title('Figure 4: core average of both arms and the dense base')
-    _budget_axis(ax, results)
-    ax.legend(loc='best')
-    _save(fig, path)
-
-
-def _smooth(ys: Sequence[float], window: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, y in enumerate(ys):
-        acc += y - (ys[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
-    return out
-
-
-def plot_loss_curves(results: Mapping[str, Any], path: Path) -> None:
-    budgets = _budgets(results)
-    ncols = min(3, len(budgets))
-    nrows = math.ceil(len(budgets) / ncols)
-    fig, axes = _new_figure(ncols, nrows, width=5.2, height=3.8)
-    for i, b in enumerate(budgets):
-        ax = axes[i // ncols][i % ncols]
-        for arm in ARMS:
-            a = _arm(results, arm, b) or {}
-            curve = [(s, l) for s, l in (a.get('loss_curve') or []) if _num(l) is not None]
-            steps, tokens = _num(a.get('steps')), _num(a.get('tokens'))
-            per_step = tokens / steps if steps and tokens else None
-            if not curve:
-                continue
-            xs = [s * per_step if per_step else s for s, _ in curve]
-            ys = [float(l) for _, l in curve]
-            ax.plot(xs, ys, color=COLOR[arm], alpha=0.25, lw=0.8)
-            ax.plot(xs, _smooth(ys, max(1, len(ys) // 20)), color=COLOR[arm], lw=2, label=f'{LABEL[arm]}')
-            unit = 'training tokens' if per_step else 'training steps'
-            ax.set_xlabel(unit)
-        ax.set_title(f'budget {b:g} x pretraining FLOPs')
-        ax.set_ylabel('training loss (nats/token)')
-        ax.grid(True, alpha=0.3)
-        if ax.lines:
-            ax.legend(loc='upper right', fontsize=8)
-        else:
-            ax.text(0.5, 0.5, 'no loss curve recorded', ha='center', va='center', transform=ax.transAxes)
-    for j in range(len(budgets), nrows * ncols):
-        axes[j // ncols][j % ncols].set_visible(False)
-    fig.suptitle('Training loss of both arms (faint: per step, bold: moving average)')
-    _save(fig, path)
-
-
-def flop_ratio(results: Mapping[str, Any]) -> Optional[float]:
-    """Per-token training FLOPs of the upcycled model over the dense one (= expected step-time ratio)."""
-    fpts = {}
-    for arm in ARMS:
-        fpts[arm] = next((_num(a.get('flops_per_token')) for a in results['arms']
-                          if a['arm'] == arm and _num(a.get('flops_per_token'))), None)
-    if fpts['cpt'] is None or fpts['upcycle'] is None:
-        ratio = _num(results.get('token_ratio'))
-        return 1 / ratio if ratio else None
-    return fpts['upcycle'] / fpts['cpt']
-
-
-def plot_throughput(results: Mapping[str, Any], path: Path) -> None:
-    fig, axes = _new_figure(2)
-    timing = results.get('timing') or {}
-    steps = timing.get('steps_s') or {}
-    ax = axes[0][0]
-    for k, arm in enumerate(ARMS):
-        ts = [1000 * t for t in steps.get(arm, [])]
-        if ts:
-            ax.plot(range(1, len(ts) + 1), ts, 'o-', color=COLOR[arm], label=f'{LABEL[arm]}: median '
-                    f'{1000 * timing["step_time_s"][arm]:.0f} ms')
-    ax.set_xlabel('measured step (after warm-up; arms interleaved)')
-    ax.set_ylabel('step time (ms)')
-    loaded = ' - LOADED MACHINE' if timing.get('loaded') else ''
-    ax.set_title(f'Training step times, same batch, same process{loaded}')
-    ax.grid(True, alpha=0.3)
-    if ax.lines:
-        _legend_below(ax)
-    else:
-        ax.text(0.5, 0.5, 'not measured', ha='center', va='center', transform=ax.transAxes)
-    ax = axes[0][1]
-    labels, values, colors = [], [], []
-    if _num(timing.get('ratio')) is not None:
-        labels.append('measured\n(median steps)')
-        values.append(timing['ratio'])
-        colors.append(COLOR['upcycle'])
-    fr = flop_ratio(results)
-    if fr is not None:
-        labels.append('FLOPs per token')
-        values.append(fr)
-        colors.append('#777777')
-    ax.bar(labels, values, color=colors)
-    for i, v in enumerate(values):
-        ax.annotate(f'{v:.2f}', (i, v), textcoords='offset points', xytext=(0, 3), ha='center')
-    ax.axhline(1, color='gray', ls=':', lw=0.8)
-    ax.set_ylabel('upcycled / CPT (x)')
-    ax.set_title('Step-time ratio vs FLOP ratio')
-    ax.grid(True, axis='y', alpha=0.3)
-    _save(fig, path)
-
-
-def _router_series(entry: Mapping[str, Any]) -> dict[str, list]:
-    return (entry or {}).get('router') or {}
-
-
-def router_summary(results: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    """The largest budget's upcycled run (seed 0): final load per layer and expert, and the curves; None if the
-    runs did not log `router/...` (the `upcycle_router_monitor` callback was not in the recipe)."""
-    top = max(_budgets(results))
-    series = _router_series(_arm(results, 'upcycle', top))
-    if not series:
-        return None
-    import re
-    load: dict[int, dict[int, float]] = {}
-    curves: dict[str, dict[int, list]] = {'entropy': {}, 'expert_spread': {}, 'lbl': {}}
-    for name, pts in series.items():
-        m = re.fullmatch(r'layer(\d+)/load/expert(\d+)', name)
-        if m and pts:
-            load.setdefault(int(m.group(1)), {})[int(m.group(2))] = pts[-1][1]
-            continue
-        m = re.fullmatch(r'layer(\d+)/(entropy|expert_spread|lbl)', name)
-        if m:
-            curves[m.group(2)][int(m.group(1))] = pts
-    total_lbl = series.get('lbl')
-    layers = sorted(load)
-    experts = sorted({e for v in load.values() for e in v})
-    matrix = [[load[i].get(e, float('nan')) for e in experts] for i in layers]
-    return {'budget': top, 'layers': layers, 'experts': experts, 'load': matrix, 'curves': curves,
-            'lbl_total': total_lbl}
-
-
-def plot_router(summary: Mapping[str, Any], path: Path) -> None:
-    fig, axes = _new_figure(4, width=4.4, height=3.8)
-    ax = axes[0][0]
-    if summary['load']:
-        im = ax.imshow(summary['load'], aspect='auto', cmap='viridis', vmin=0)
-        fig.colorbar(im, ax=ax, label='fraction of assignments')
-        ax.set_xticks(range(len(summary['experts'])))
-        ax.set_xticklabels([str(e) for e in summary['experts']])
-        ax.set_yticks(range(len(summary['layers'])))
-        ax.set_yticklabels([str(i) for i in summary['layers']])
-        if summary['experts']:
-            ax.set_title(f'expert load at the end (uniform = {1 / len(summary["experts"]):.3f})')
-    ax.set_xlabel('expert')
-    ax.set_ylabel('layer')
-    for ax, (key, title) in zip(axes[0][1:], (('entropy', 'router entropy (nats)'),
-                                              ('expert_spread', 'expert spread from the dense copy'),
-                                              ('lbl', 'load-balancing loss'))):
-        for layer, pts in sorted(summary['curves'][key].items()):
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f'layer {layer}')
-        if key == 'lbl' and summary.get('lbl_total'):
-            pts = summary['lbl_total']
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], 'k--', label='all layers')
-        ax.set_xlabel('step')
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.suptitle(f'Router health, upcycled run at budget {summary["budget"]:g} (seed 0)')
-    _save(fig, path)
-
-
-# ------------------------------------------------------------------------------------------------ markdown
+    return c['winner'], f'**{arm_label(c["winner"])}** ahead: {values}, {se}'
 
 
 def _f(x: Any, spec: str = '.4f') -> str:
-    v = _num(x)
+    v = num(x)
     return 'n/a' if v is None else format(v, spec)
 
 
 def _int(x: Any) -> str:
-    v = _num(x)
+    v = num(x)
     return 'n/a' if v is None else f'{int(v):,}'
 
 
@@ -386,8 +60,8 @@ def _pm(entry: Optional[Mapping[str, Any]], metric: str, spec: str = '.4f') -> s
     """'mean ± std (n)' of an eval metric over seeds."""
     if not entry:
         return 'n/a'
-    mean = _eval(entry, metric)
-    std = _num((entry.get('eval_std') or {}).get(metric))
+    mean = eval_value(entry, metric)
+    std = num((entry.get('eval_std') or {}).get(metric))
     n = entry.get('n_seeds') or 1
     if mean is None:
         return 'n/a'
@@ -400,17 +74,17 @@ def _results_table(results: Mapping[str, Any]) -> list[str]:
     dense = results.get('dense') or {}
     rows = [['0 (base)', 'dense', _f(dense.get('pretrain_lr'), 'g'), '1', _int(dense.get('pretrain_tokens')),
              _int(dense.get('pretrain_steps')), _f(dense.get('pretrain_flops'), '.3g'), _int(dense.get('params')),
-             _f(dense.get('train_ce_final')), _f(_eval(dense, 'ce_generic')), _f(_eval(dense, 'ce_domain')),
-             _f(_eval(dense, 'core_average'), '.3f')]]
-    for b in _budgets(results):
-        for arm in ARMS:
-            a = _arm(results, arm, b)
+             _f(dense.get('train_ce_final')), _f(eval_value(dense, 'ce_generic')), _f(eval_value(dense, 'ce_domain')),
+             _f(eval_value(dense, 'core_average'), '.3f')]]
+    for b in budgets_of(results):
+        for arm in arm_names(results):
+            a = find_arm(results, arm, b)
             if a is None:
-                rows.append([f'{b:g}', LABEL[arm], 'missing'] + [''] * 9)
+                rows.append([f'{b:g}', arm_label(arm), 'missing'] + [''] * 9)
                 continue
             params = f'{_int(a.get("active_params"))} / {_int(a.get("total_params"))}'
-            rows.append([f'{b:g}', LABEL[arm], _f(a.get('lr'), 'g'), str(a.get('n_seeds', 1)), _int(a.get('tokens')),
-                         _int(a.get('steps')), _f(a.get('train_flops'), '.3g'), params, _f(a.get('train_ce_final')),
+            rows.append([f'{b:g}', arm_label(arm), _f(a.get('lr'), 'g'), str(a.get('n_seeds', 1)),
+                         _int(a.get('tokens')), _int(a.get('steps')), _f(a.get('train_flops'), '.3g'), params, _f(a.get('train_ce_final')),
                          _pm(a, 'ce_generic'), _pm(a, 'ce_domain'), _pm(a, 'core_average', '.3f')])
     return _table(header, rows)
 
@@ -419,8 +93,8 @@ def _regime_lines(results: Mapping[str, Any]) -> list[str]:
     r = results.get('regime') or {}
     if not r:
         return ['The results do not record the regime.']
-    tpp, chance, base = _num(r.get('base_tokens_per_param')), _num(r.get('chance_ce')), _num(r.get('base_ce_domain'))
-    slope = _num(r.get('cpt_slope_per_doubling'))
+    tpp, chance, base = num(r.get('base_tokens_per_param')), num(r.get('chance_ce')), num(r.get('base_ce_domain'))
+    slope = num(r.get('cpt_slope_per_doubling'))
     lo, hi = r.get('paper_tokens_per_param') or (100, 460)
     slo, shi = r.get('paper_cpt_slope_per_doubling') or (0.014, 0.025)
     lines = [f'**Regime: {r.get("label", "?")}.** '
@@ -447,13 +121,14 @@ def _lr_lines(results: Mapping[str, Any]) -> list[str]:
     lr = results.get('lr') or {}
     if not lr:
         return []
-    lines = [f'Phase-2 learning rates: CPT {_f(lr.get("cpt"), "g")}, upcycling {_f(lr.get("upcycle"), "g")} '
+    names = arm_names(results)
+    lines = ['Phase-2 learning rates: ' + ', '.join(f'{arm_short(a)} {_f(lr.get(a), "g")}' for a in names) + ' '
              f'(source: {lr.get("source")}; the paper picked each arm\'s lr by a sweep at its shortest budget, then '
              'kept it for all budgets).']
     sweep = lr.get('sweep')
     if sweep:
         lines += ['', f'Sweep at budget {sweep["budget"]:g} (seed 0), held-out domain CE:', '']
-        lines += _table(['lr', 'CPT', 'upcycled'], [[f'{r["lr"]:g}', _f(r.get('cpt')), _f(r.get('upcycle'))]
+        lines += _table(['lr'] + [arm_label(a) for a in names], [[f'{r["lr"]:g}'] + [_f(r.get(a)) for a in names]
                                                    for r in sweep['rows']])
         if sweep.get('at_edge'):
             lines += ['', f'The best lr of {", ".join(sweep["at_edge"])} is at the edge of the sweep: the optimum '
@@ -466,7 +141,7 @@ def _lr_lines(results: Mapping[str, Any]) -> list[str]:
 def _timing_lines(results: Mapping[str, Any]) -> list[str]:
     t = results.get('timing') or {}
     fr = flop_ratio(results)
-    if not t or _num(t.get('ratio')) is None:
+    if not t or num(t.get('ratio')) is None:
         return ['Step times were not measured (timing off).']
     load = t.get('load_average_before'), t.get('load_average_after')
     text = (f'Measured step-time ratio, upcycled / CPT: **{t["ratio"]:.2f}** (median step '
@@ -481,7 +156,7 @@ def _timing_lines(results: Mapping[str, Any]) -> list[str]:
     jobs = (results.get('wall_clock') or {}).get('jobs') or 1
     where = f'trained {jobs} at a time' if jobs > 1 else 'same machine'
     return [text, '', f'Per-run throughput (tokens/s, mean over seeds; wall-clock, {where}): ' + ', '.join(
-        f'{LABEL[a["arm"]]} @ {a["budget"]:g}: {_f(a.get("tokens_per_s"), ",.0f")}' for a in results['arms']) + '.']
+        f'{arm_label(a["arm"])} @ {a["budget"]:g}: {_f(a.get("tokens_per_s"), ",.0f")}' for a in results['arms']) + '.']
 
 
 def _router_lines(results: Mapping[str, Any], summary: Optional[Mapping[str, Any]]) -> list[str]:
@@ -498,20 +173,23 @@ def _router_lines(results: Mapping[str, Any], summary: Optional[Mapping[str, Any
 
 
 def _verdict_lines(results: Mapping[str, Any], metric: str) -> list[str]:
-    budgets = _budgets(results)
-    winners = {b: ce_winner(results, b, metric) for b in budgets}
-    tally = {w: sum(1 for v, _ in winners.values() if v == w) for w in ('upcycle', 'cpt', 'within noise', 'n/a')}
-    lines = [f'- budget {b:g}: {text}' for b, (_, text) in winners.items()]
-    lines += ['', f'Upcycled ahead at {tally["upcycle"]}, CPT ahead at {tally["cpt"]}, within noise at '
-              f'{tally["within noise"]} of {len(budgets)} budgets' +
-              (f' ({tally["n/a"]} without a verdict)' if tally['n/a'] else '') +
-              ' (ahead = the gap exceeds 2 standard errors).']
-    return lines
+    budgets = budgets_of(results)
+    lines: list[str] = []
+    base = arm_registry.BASELINE
+    for arm in arm_names(results)[1:]:
+        winners = {b: ce_winner(results, b, metric, arm) for b in budgets}
+        tally = {w: sum(1 for v, _ in winners.values() if v == w) for w in (arm, base, 'within noise', 'n/a')}
+        lines += [f'- budget {b:g}: {text}' for b, (_, text) in winners.items()]
+        lines += ['', f'{arm_label(arm)} ahead at {tally[arm]}, {arm_label(base)} ahead at {tally[base]}, within '
+                  f'noise at {tally["within noise"]} of {len(budgets)} budgets' +
+                  (f' ({tally["n/a"]} without a verdict)' if tally['n/a'] else '') +
+                  ' (ahead = the gap exceeds 2 standard errors).', '']
+    return lines[:-1]
 
 
 def _task_table(results: Mapping[str, Any]) -> list[str]:
     columns = [('dense base', results.get('dense'))] + [
-        (f'{"CPT" if a["arm"] == "cpt" else "upcycled"} {a["budget"]:g}', a)
+        (f'{arm_short(a["arm"])} {a["budget"]:g}', a)
         for a in sorted(results['arms'], key=lambda a: (a['budget'], a['arm']))]
     tasks = sorted({t for _, e in columns for t in (((e or {}).get('eval') or {}).get('tasks') or {})})
     if not tasks:
@@ -523,9 +201,9 @@ def _task_table(results: Mapping[str, Any]) -> list[str]:
 
 def render_markdown(results: Mapping[str, Any], figures: Mapping[str, str],
                     extra_sections: Sequence[str] = (), router: Optional[Mapping[str, Any]] = None) -> str:
-    budgets = _budgets(results)
+    budgets = budgets_of(results)
     dense = results.get('dense') or {}
-    ratio = _num(results.get('token_ratio'))
+    ratio = num(results.get('token_ratio'))
     missing = results.get('missing_eval_tasks') or []
     rw = results.get('router_weights') or 'renormalized'
     top = next((a for a in results['arms'] if a['budget'] == max(budgets)), {})
@@ -585,7 +263,7 @@ def render_markdown(results: Mapping[str, Any], figures: Mapping[str, str],
     lines += ['', '### Per-task scores (mean over seeds)', '']
     lines += _task_table(results)
     lines += ['', '## Caveats', '']
-    params = _num(dense.get('params'))
+    params = num(dense.get('params'))
     if params is None or params < TINY_PARAMS:
         lines.append(f'This is a tiny model ({_int(params)} parameters). Its eval gauntlet scores sit near chance '
                      'level, so the core average mostly measures noise (its error bars say how much); held-out '

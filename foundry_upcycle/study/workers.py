@@ -46,8 +46,8 @@ def serialize_streaming_prefix() -> None:
     sd.get_shm_prefix = locked
 
 
-def _init(cfg: Any) -> None:
-    """Worker start: the same Study over the same out folder, its data and dense base already built."""
+def _init(study_cls: Callable[[Any], Any], cfg: Any) -> None:
+    """Worker start: the same Study (`study_cls(cfg)`) over the same out folder, its data and dense base built."""
     global _study, _dense
     import torch
     if cfg.threads:
@@ -56,10 +56,9 @@ def _init(cfg: Any) -> None:
     for noisy in ('composer', 'streaming', 'llmfoundry'):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from foundry_upcycle.study.evaluate import set_offline_env
-    from foundry_upcycle.study.pipeline import Study
     set_offline_env()
     serialize_streaming_prefix()
-    study = Study(cfg)
+    study = study_cls(cfg)
     study.nproc = 1
     study.stage_data()
     study.plan = study.make_plan()
@@ -69,21 +68,22 @@ def _init(cfg: Any) -> None:
 
 
 def _train(key: RunKey, icl: bool) -> tuple[RunKey, float]:
-    from foundry_upcycle.study.pipeline import run_name
+    from foundry_upcycle.study.arms import run_name
     arm, budget, seed_index, lr = key
     stage = _study.stage_arm(arm, budget, _dense, seed_index, lr)
     _study.stage_eval(run_name(arm, budget, lr, seed_index), stage, icl=icl)
     return key, stage.seconds
 
 
-def train_in_workers(cfg: Any, keys: Sequence[RunKey], jobs: int, icl: bool,
+def train_in_workers(study_cls: Callable[[Any], Any], cfg: Any, keys: Sequence[RunKey], jobs: int, icl: bool,
                      done: Callable[[RunKey, float], None]) -> None:
-    """Trains `keys` in `jobs` worker processes (spawned: no state shared with this one, cfg.threads torch threads
-    each), each run followed by its evaluation as the main process would run it (with the gauntlet if `icl`);
+    """Trains `keys` in `jobs` worker processes (spawned: no state shared with this one; cfg.threads torch threads
+    and a `study_cls(cfg)` each: the Study class, pickled by reference, so this module never imports the pipeline),
+    each run followed by its evaluation as the main process would run it (with the gauntlet if `icl`);
     `done(key, seconds)` after each. The first failure cancels the queued runs and is raised here."""
     ctx = multiprocessing.get_context('spawn')
     quiet = cfg.replace(progress=False)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init, initargs=(quiet,)) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init, initargs=(study_cls, quiet)) as pool:
         pending: set[Future] = {pool.submit(_train, key, icl) for key in keys}
         try:
             while pending:
