@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from foundry_upcycle.checkpoint_io import require_readable_file
-from foundry_upcycle.config import UpcycleConfig, moe_ffn_config
+from foundry_upcycle.config import UpcycleConfig, moe_model_fields
 from foundry_upcycle.moe_backend import resolve_backend
 
 log = logging.getLogger(__name__)
@@ -62,19 +62,24 @@ def expand(cfg: dict[str, Any], ucfg: UpcycleConfig) -> dict[str, Any]:
     if ucfg.expert_noise_std:
         log.warning('upcycle.expert_noise_std=%s: the upcycled model will not reproduce the dense one at step 0',
                     ucfg.expert_noise_std)
-    if ucfg.router_weights == 'softmax':
+    if ucfg.drop_ratio:
+        log.warning('upcycle.drop_ratio=%s (Drop-Upcycling): each expert re-draws that fraction of its FFN rows, so '
+                    'the upcycled model does not reproduce the dense one at step 0 (by design)', ucfg.drop_ratio)
+    if ucfg.router_weights == 'softmax' and ucfg.grow == 1:
         log.warning('upcycle.router_weights=softmax: no top-k renormalisation, expert outputs scaled by E/K=%g; the '
                     'upcycled model is close to, not equal to, the dense one at step 0 (Mixtral export cannot hold it)',
                     ucfg.expert_output_scale)
-    log.info('upcycle: %d experts, top-%d, %s backend, dense weights from %s', ucfg.num_experts, ucfg.top_k,
-             model['ffn_config']['ffn_type'], source)
+    log.info('upcycle: %d experts, top-%d, %s backend, %s weights from %s', ucfg.total_experts, ucfg.total_top_k,
+             model['ffn_config']['ffn_type'], 'MoE' if ucfg.grow > 1 else 'dense', source)
     return cfg
 
 
 def upcycled_model_config(model: dict[str, Any], ucfg: UpcycleConfig, backend: str) -> dict[str, Any]:
     """A dense MPT `model:` block -> its upcycled MoE block (backend 'torch' or 'megablocks')."""
     model = copy.deepcopy(model)
-    model['ffn_config'] = moe_ffn_config(model, ucfg, backend)
+    if model.get('block_overrides') and ucfg.moe_layers is not None:
+        raise ValueError('upcycle.moe_layers cannot be combined with model.block_overrides (both set per-block configs)')
+    model.update(moe_model_fields(model, ucfg, backend))
     model['name'] = MODEL_NAME
     # mb_dmoe's load-balancing loss is added by foundry itself (moe_loss_weight); torch_dmoe's by our model.
     model['load_balancing_loss_weight'] = ucfg.load_balancing_loss_weight if backend == 'torch' else 0.0
