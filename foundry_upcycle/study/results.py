@@ -21,6 +21,7 @@ from foundry_upcycle.study.training import MIN_TAIL_STEPS, TAIL_FRACTION
 from foundry_upcycle.study.verdicts import comparisons
 
 SCHEMA = 3                 # 3: comparisons per arm ({arm: {budget: {metric: ...}}}); arms named in config.arms
+#                            (and comparisons_vs_paper: each variant against the paper's recipe, same shape)
 EVAL_METRICS = ('ce_generic', 'ce_domain', 'core_average')
 WALL_CLOCK_FIELDS = ('wall_clock', 'timing', 'arms[].tokens_per_s', 'arms[].step_time_s', 'arms[].train_seconds',
                      'arms[].per_seed[].tokens_per_s', 'arms[].per_seed[].step_time_s',
@@ -145,6 +146,9 @@ def build_results(study, dense, dense_eval, runs: Mapping, evals: Mapping, lrs: 
         'dense': dense_entry,
         'arms': entries,
         'comparisons': comparisons(entries, list(cfg.budgets), cfg.arms),
+        'comparisons_vs_paper': comparisons(entries, list(cfg.budgets),
+                                            tuple(a for a in cfg.arms if a != arm_registry.BASELINE),
+                                            base=arm_registry.PRIMARY),
         'regime': regime(dense_entry, entries, vocab, plan.pretrain_lr, lrs),
         'timing': dict(timing.outputs) if timing is not None else None,
         'wall_clock': {'stages_s': wall},

@@ -1,6 +1,7 @@
 """Which arm is ahead: every non-baseline arm against the baseline (CPT), per budget and metric, with its noise.
 
-`comparisons(arms, budgets, names)` -> {arm: {budget: {metric: verdict}}} (results.json `comparisons`).
+`comparisons(arms, budgets, names)` -> {arm: {budget: {metric: verdict}}} (results.json `comparisons`); the same
+against the paper's recipe for the variants (`comparisons(..., base='upcycle')`, results.json `comparisons_vs_paper`).
 """
 from __future__ import annotations
 
@@ -44,10 +45,10 @@ def arm_se(a: Mapping[str, Any], metric: str, pooled: Optional[float]) -> tuple[
 
 
 def comparisons(entries: list[Mapping[str, Any]], budgets: list[float],
-                names: tuple[str, ...] = arm_registry.DEFAULT_ARMS) -> dict[str, dict[str, dict[str, Any]]]:
-    """{arm: {budget: {metric: c}}} for every arm but the baseline, against it: c['winner'] is the arm's name,
-    the baseline's, 'within noise' or 'n/a' (2-SE rule)."""
-    base = arm_registry.BASELINE
+                names: tuple[str, ...] = arm_registry.DEFAULT_ARMS,
+                base: str = arm_registry.BASELINE) -> dict[str, dict[str, dict[str, Any]]]:
+    """{arm: {budget: {metric: c}}} for every arm of `names` but `base`, against `base` (CPT; the paper's recipe for
+    the variants): c['winner'] is the arm's name, the base's, 'within noise' or 'n/a' (2-SE rule)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for metric, lower in VERDICT_METRICS:
         pooled = {arm: pooled_run_std(entries, arm, metric) for arm in names}
