@@ -118,12 +118,7 @@ def mixtral_jobs(source, cfg: Mapping[str, Any], opts: UpcycleWeights, out_prefi
     router and experts, then norm and head. A job per dense MLP matrix yields its E*G experts one at a time."""
     specs = check_tensors(source.specs, cfg, what)
     check_mixtral_options(opts, cfg['num_hidden_layers'])
-    if opts.grow > 1:
-        raise ValueError(f'upcycle.grow={opts.grow}: {what} is a dense {cfg["model_type"]}; grow adds experts to a '
-                         'Mixtral (drop grow to upcycle a dense model)')
-    if cfg['intermediate_size'] % opts.granularity:
-        raise ValueError(f'upcycle.granularity={opts.granularity} must divide intermediate_size '
-                         f'{cfg["intermediate_size"]} of {what}')
+    assert opts.grow == 1 and cfg['intermediate_size'] % opts.granularity == 0, 'read_source_config checks these'
     E, D = opts.num_experts * opts.granularity, cfg['hidden_size']
     dtype = specs['model.embed_tokens.weight'].dtype
 
@@ -190,19 +185,35 @@ def mixtral_grow_jobs(source, cfg: Mapping[str, Any], opts: UpcycleWeights, out_
     return jobs
 
 
+def read_source_config(path: str | Path, opts: UpcycleWeights, what: str = 'src') -> dict[str, Any]:
+    """config.json of the HF directory to upcycle (dense Llama / Mistral) or, with grow > 1, to grow (Mixtral),
+    checked against the variants: ValueError naming the key for what Mixtral cannot hold."""
+    raw_path = Path(path).expanduser() / 'config.json'
+    model_type = json.loads(raw_path.read_text()).get('model_type') if raw_path.is_file() else None
+    if model_type == 'mixtral':
+        if opts.grow == 1:
+            raise ValueError(f'{what} is already a Mixtral: set upcycle.grow to add experts to it')
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(str(raw_path.parent)).to_dict()
+    else:
+        cfg = read_dense_config(path, what)
+        if opts.grow > 1:
+            raise ValueError(f'upcycle.grow={opts.grow}: {what} is a dense {cfg["model_type"]}; grow adds experts to a '
+                             'Mixtral (drop grow to upcycle a dense model)')
+        if cfg['intermediate_size'] % opts.granularity:
+            raise ValueError(f'upcycle.granularity={opts.granularity} must divide intermediate_size '
+                             f'{cfg["intermediate_size"]} of {what}')
+    check_mixtral_options(opts, cfg['num_hidden_layers'])
+    return cfg
+
+
 def hf_upcycle_jobs(path: str | Path, source, opts: UpcycleWeights, out_prefix: str = '',
                     what: str = 'src') -> tuple[list[Job], dict[str, Any]]:
     """(jobs, source config) for the HF model directory `path`: a dense Llama / Mistral upcycled into Mixtral, or
     (grow > 1) a Mixtral grown. The one entry point of the `hf_upcycle_causal_lm` loader and `import-hf`."""
-    raw_path = Path(path).expanduser() / 'config.json'
-    model_type = json.loads(raw_path.read_text()).get('model_type') if raw_path.is_file() else None
-    if model_type == 'mixtral':
-        from transformers import AutoConfig
-        cfg = AutoConfig.from_pretrained(str(raw_path.parent)).to_dict()
-        if opts.grow == 1:
-            raise ValueError(f'{what} is already a Mixtral: set upcycle.grow to add experts to it')
+    cfg = read_source_config(path, opts, what)
+    if cfg['model_type'] == 'mixtral':
         return mixtral_grow_jobs(source, cfg, opts, out_prefix, what), cfg
-    cfg = read_dense_config(path, what)
     return mixtral_jobs(source, cfg, opts, out_prefix, what), cfg
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 from foundry_upcycle.checkpoint_io import require_readable_file
@@ -21,6 +22,8 @@ BLOCK_KEY = 'upcycle'
 LOADER_NAME = 'upcycle_loader'
 MODEL_NAME = 'mpt_upcycle_causal_lm'
 _DENSE_MODEL_NAMES = ('mpt_causal_lm', MODEL_NAME)
+HF_MODEL_NAME = 'hf_upcycle_causal_lm'
+_HF_MODEL_NAMES = ('hf_causal_lm', HF_MODEL_NAME)
 # Options of a CPT recipe's dense load that the upcycle loader takes over.
 _LOAD_KEYS = ('load_path', 'load_weights_only', 'load_strict_model_weights', 'load_ignore_keys')
 
@@ -40,12 +43,20 @@ def expand(cfg: dict[str, Any], ucfg: UpcycleConfig) -> dict[str, Any]:
     model = cfg.get('model')
     if not isinstance(model, dict):
         raise ValueError('upcycle: the recipe has no `model:` block to upcycle')
-    if model.get('name') not in _DENSE_MODEL_NAMES:
-        raise ValueError(f'model.name {model.get("name")!r}: the upcycle block supports MPT models (mpt_causal_lm)')
-    cfg['model'] = upcycled_model_config(model, ucfg, resolve_backend(ucfg.backend, cfg.get('precision')))
+    if model.get('name') in _HF_MODEL_NAMES:
+        cfg['model'], source = upcycled_hf_model_config(model, ucfg)
+        if cfg.get('load_path') is not None:
+            raise ValueError(f'load_path ({cfg["load_path"]}): with model.name hf_causal_lm the upcycle block reads the '
+                             'dense weights from model.pretrained_model_name_or_path; drop load_path')
+        _check_tokenizer(cfg)
+    elif model.get('name') in _DENSE_MODEL_NAMES:
+        cfg['model'] = upcycled_model_config(model, ucfg, resolve_backend(ucfg.backend, cfg.get('precision')))
+        source = _take_source(cfg, ucfg)
+    else:
+        raise ValueError(f'model.name {model.get("name")!r}: the upcycle block supports mpt_causal_lm and '
+                         'hf_causal_lm (Llama / Mistral checkpoints)')
     _non_reentrant_checkpointing(cfg)
     model = cfg['model']
-    source = _take_source(cfg, ucfg)
     if ucfg.lr is not None:
         if not isinstance(cfg.get('optimizer'), dict):
             raise ValueError('upcycle.lr is set but the recipe has no `optimizer:` block')
@@ -69,8 +80,9 @@ def expand(cfg: dict[str, Any], ucfg: UpcycleConfig) -> dict[str, Any]:
         log.warning('upcycle.router_weights=softmax: no top-k renormalisation, expert outputs scaled by E/K=%g; the '
                     'upcycled model is close to, not equal to, the dense one at step 0 (Mixtral export cannot hold it)',
                     ucfg.expert_output_scale)
+    backend = model['ffn_config']['ffn_type'] if 'ffn_config' in model else 'transformers Mixtral'
     log.info('upcycle: %d experts, top-%d, %s backend, %s weights from %s', ucfg.total_experts, ucfg.total_top_k,
-             model['ffn_config']['ffn_type'], 'MoE' if ucfg.grow > 1 else 'dense', source)
+             backend, 'MoE' if ucfg.grow > 1 else 'dense', source)
     return cfg
 
 
@@ -85,6 +97,43 @@ def upcycled_model_config(model: dict[str, Any], ucfg: UpcycleConfig, backend: s
     model['load_balancing_loss_weight'] = ucfg.load_balancing_loss_weight if backend == 'torch' else 0.0
     model['router_zloss_weight'] = ucfg.zloss_weight
     return model
+
+
+def upcycled_hf_model_config(model: dict[str, Any], ucfg: UpcycleConfig) -> tuple[dict[str, Any], str]:
+    """A dense `hf_causal_lm` block (Llama / Mistral directory) -> the `hf_upcycle_causal_lm` block, and the
+    dense directory the loader tiles from. ValueError naming the key for what transformers' Mixtral cannot hold."""
+    from foundry_upcycle.llama_to_mixtral import read_source_config
+    path = model.get('pretrained_model_name_or_path')
+    if not isinstance(path, str) or not path:
+        raise ValueError('model.pretrained_model_name_or_path: missing; name the dense Hugging Face directory')
+    if ucfg.source is not None and ucfg.source != path:
+        raise ValueError(f'upcycle.from ({ucfg.source}): with hf_causal_lm the dense weights are read from '
+                         f'model.pretrained_model_name_or_path ({path}); drop upcycle.from')
+    if not Path(path).expanduser().is_dir():
+        raise ValueError(f'model.pretrained_model_name_or_path: {path} is not a local directory (upcycling reads the '
+                         'dense safetensors from disk; download or convert the model first)')
+    read_source_config(path, ucfg.weights(), 'model.pretrained_model_name_or_path')   # refuses moe_layers, ...
+    refused = {'router_weights': ucfg.router_weights != 'renormalized', 'zloss_weight': ucfg.zloss_weight > 0,
+               'backend': ucfg.backend == 'megablocks', 'moe_world_size': ucfg.moe_world_size != 1}
+    for key, bad in refused.items():
+        if bad:
+            raise ValueError(f'upcycle.{key}={getattr(ucfg, key)!r}: not available with hf_causal_lm (transformers\' '
+                             'Mixtral renormalises the top-k weights, has no router z-loss, and runs its own experts)')
+    model = copy.deepcopy(model)
+    if model.get('name') == HF_MODEL_NAME and 'upcycle' in model:
+        raise ValueError('model.upcycle is set by the upcycle block; remove it from the recipe')
+    model['name'] = HF_MODEL_NAME
+    model['upcycle'] = {'num_experts': ucfg.num_experts, 'top_k': ucfg.top_k,
+                        'load_balancing_loss_weight': ucfg.load_balancing_loss_weight}
+    model['upcycle'].update({k: getattr(ucfg, k) for k in ('granularity', 'grow') if getattr(ucfg, k) != 1})
+    return model, path
+
+
+def _check_tokenizer(cfg: dict[str, Any]) -> None:
+    from foundry_upcycle.gguf import check_tokenizer_dir
+    name = (cfg.get('tokenizer') or {}).get('name')
+    if isinstance(name, str) and Path(name).expanduser().is_dir():
+        check_tokenizer_dir(Path(name).expanduser(), 'tokenizer.name')
 
 
 def _non_reentrant_checkpointing(cfg: dict[str, Any]) -> None:

@@ -32,13 +32,32 @@ def _merge(cfg: dict, overrides: dict) -> dict:
     return cfg
 
 
+OPENED: list[str] = []  # dense files this process opened through the one reader (see _record_reads)
+
+
+def _record_reads() -> None:
+    """Every read of a weights file goes through `reader.open_source`: record the calls of this process."""
+    from foundry_upcycle import reader
+    if getattr(reader.open_source, 'recorded', False):
+        return
+    real = reader.open_source
+
+    def open_source(path, *args, **kwargs):
+        OPENED.append(str(path))
+        return real(path, *args, **kwargs)
+    open_source.recorded = True
+    reader.open_source = open_source
+
+
 def run_mode(name: str, cfg: dict, out: Path, env: dict) -> dict:
     from composer.utils import dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from conftest import logged, run_train
+    _record_reads()
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    OPENED.clear()
     try:
         trainer = run_train(cfg)
         result = {
@@ -52,6 +71,7 @@ def run_mode(name: str, cfg: dict, out: Path, env: dict) -> dict:
         }
         loader = next((c for c in trainer.state.callbacks if type(c).__name__ == 'UpcycleLoader'), None)
         result['loader'] = getattr(loader, 'report', None)
+        result['opened_by_rank'] = dist.all_gather_object(len(OPENED)) if dist.get_world_size() > 1 else [len(OPENED)]
         params = get_model_state_dict(trainer.state.model,
                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.get_global_rank() == 0:

@@ -100,6 +100,7 @@ def test_two_processes_match_one(runs, mode):
     one, two = results['single'], results[mode]
     assert 'error' not in two, two.get('traceback')
     assert two['fsdp'] == (mode != 'ddp') and two['loader']['action'] == 'upcycled'
+    assert two['opened_by_rank'] == [1, 0], 'only rank 0 reads the dense checkpoint'
     for split in ('domain', 'generic'):
         (b1, ce1), (b2, ce2) = one['ce0'][split][0], two['ce0'][split][0]
         assert b1 == b2 == 0 and abs(ce1 - ce2) < 1e-5, (split, ce1, ce2)
@@ -122,6 +123,7 @@ def test_restart_resumes_own_checkpoint_and_skips_dense_load(runs, mode):
     r = results[mode]
     assert 'error' not in r, r.get('traceback')
     assert r['loader']['action'] == 'skipped', r['loader']
+    assert r['opened_by_rank'] == [0, 0], 'a resumed run reads no dense checkpoint'
     assert Path(r['loader']['autoresume_checkpoint']).parent == out / MODES[mode]['run_name'] / 'checkpoints'
     assert r['loader']['fresh_after_load'] is False
     assert r['batch'] == 4 and [b for b, _ in r['loss']] == [2, 3]

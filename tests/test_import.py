@@ -39,10 +39,9 @@ def save_dense(out: Path, model_type='llama', dtype=torch.float32, max_shard_siz
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
     config_cls, model_cls = {'llama': (LlamaConfig, LlamaForCausalLM),
                              'mistral': (MistralConfig, MistralForCausalLM)}[model_type]
-    over = {'vocab_size': V, **over}
-    cfg = config_cls(hidden_size=D, intermediate_size=F, num_hidden_layers=3, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=64, rope_theta=5000.0, bos_token_id=0,
-                     eos_token_id=0, pad_token_id=2, **over)
+    cfg = config_cls(**{'hidden_size': D, 'intermediate_size': F, 'num_hidden_layers': 3, 'num_attention_heads': 4,
+                        'num_key_value_heads': 2, 'max_position_embeddings': 64, 'rope_theta': 5000.0,
+                        'bos_token_id': 0, 'eos_token_id': 0, 'pad_token_id': 2, 'vocab_size': V, **over})
     torch.manual_seed(0)
     model = model_cls(cfg).eval()
     with torch.no_grad():

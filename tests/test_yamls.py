@@ -1,6 +1,6 @@
 """Shipped recipes: each CPT/upcycle pair differs in exactly the `upcycle:` block, and every recipe expands.
 
-Training coverage: yamls/hf/mixtral.yaml runs in test_import.py; yamls/tiny/* run in test_train.py (pretrain via the dense_checkpoint fixture); the paper
+Training coverage: yamls/hf/mixtral.yaml runs in test_import.py, yamls/hf/{cpt,upcycle}.yaml in test_hf_upcycle.py; yamls/tiny/* run in test_train.py (pretrain via the dense_checkpoint fixture); the paper
 shapes (436m, 1.4b) are built and stepped in test_study.py.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from conftest import YAMLS, load_recipe
 from foundry_upcycle.transforms import apply_upcycle_block
 
 PAIRS = sorted(p.parent.name for p in YAMLS.glob('*/upcycle.yaml'))
+MPT_PAIRS = [p for p in PAIRS if p != 'hf']  # hf: tests/test_hf_upcycle.py
 
 
 def test_every_yaml_is_known():
@@ -18,7 +19,7 @@ def test_every_yaml_is_known():
     expected = ['tiny/pretrain.yaml', 'hf/mixtral.yaml'] + [f'{d}/{arm}.yaml' for d in PAIRS
                                                             for arm in ('cpt', 'upcycle')]
     assert shipped == sorted(expected), 'a new recipe needs a test'
-    assert PAIRS == ['1.4b', '436m', 'tiny']
+    assert PAIRS == ['1.4b', '436m', 'hf', 'tiny']
 
 
 @pytest.mark.parametrize('shape', PAIRS)
@@ -28,7 +29,7 @@ def test_pair_differs_only_in_the_upcycle_block(shape):
     assert up == cpt
 
 
-@pytest.mark.parametrize('shape', PAIRS)
+@pytest.mark.parametrize('shape', MPT_PAIRS)
 def test_upcycle_recipe_expands(shape, tmp_path):
     from omegaconf import OmegaConf as om
     dense = tmp_path / 'dense.pt'

