@@ -138,3 +138,31 @@ def test_drop_upcycling_trains_from_the_redrawn_weights(corpus, dense_checkpoint
     assert changed == [80] * 4
     spread0 = dict(read_jsonl(tmp_path / 'drop' / 'metrics.jsonl')['router/layer0/expert_spread'])[0]
     assert spread0 > 0.1
+
+
+def test_hf_fine_grained_starts_at_cpt_ce_and_moe_layers_are_refused(corpus, tmp_path):
+    """The same block on foundry's hf_causal_lm (a dense Llama directory -> transformers Mixtral): fine-grained
+    experts start at CPT's CE; an MoE on some blocks is refused by name (Mixtral has an MoE in every block)."""
+    from test_hf_upcycle import V, hf_recipe
+    from test_import import save_dense
+    dense_dir = tmp_path / 'llama'
+    save_dense(dense_dir, vocab_size=V, max_shard_size='60KB')
+    for f in corpus['tokenizer'].iterdir():
+        (dense_dir / f.name).write_bytes(f.read_bytes())
+    ce = {}
+    for arm in ('cpt', 'upcycle'):
+        cfg = hf_recipe(arm, dense_dir, corpus, tmp_path / arm, max_duration='1ba')
+        if arm == 'upcycle':
+            cfg['upcycle']['granularity'] = 2
+        trainer = run_train(cfg)
+        ce[arm] = step0_ce(trainer)
+        if arm == 'upcycle':
+            config = trainer.state.model.model.config
+            assert (config.num_local_experts, config.num_experts_per_tok, config.intermediate_size) == (8, 4, 48)
+        trainer.close()
+    for split in SPLITS:
+        assert abs(ce['cpt'][split] - ce['upcycle'][split]) < 1e-5, (split, ce)
+    cfg = hf_recipe('upcycle', dense_dir, corpus, tmp_path / 'bad')
+    cfg['upcycle']['moe_layers'] = 2
+    with pytest.raises(ValueError, match=r'upcycle\.moe_layers=2: Mixtral holds a mixture of experts in every block'):
+        run_train(cfg)
