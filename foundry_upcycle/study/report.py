@@ -16,6 +16,7 @@ from foundry_upcycle.study.figures import (FIGURES, ROUTER_FIGURE, plot_figure1,
                                            plot_router, plot_throughput, router_summary)
 from foundry_upcycle.study.results_view import (arm_names, budgets_of, check_results, eval_value,
                                                 find_arm, flop_ratio, num)
+from foundry_upcycle.study.variant_table import variant_lines
 
 TINY_PARAMS = 100_000_000     # below this the report warns that gauntlet scores are near chance
 
@@ -234,6 +235,8 @@ def render_markdown(results: Mapping[str, Any], figures: Mapping[str, str],
         '',
         *_verdict_lines(results, 'core_average'),
         '',
+        *(['## Upcycling variants: each against CPT and against the paper\'s recipe', '', *variants, '']
+          if (variants := variant_lines(results)) else []),
         '## Learning rates',
         '',
         *_lr_lines(results),
