@@ -166,3 +166,36 @@ def test_hf_fine_grained_starts_at_cpt_ce_and_moe_layers_are_refused(corpus, tmp
     cfg['upcycle']['moe_layers'] = 2
     with pytest.raises(ValueError, match=r'upcycle\.moe_layers=2: Mixtral holds a mixture of experts in every block'):
         run_train(cfg)
+
+
+def test_hf_grow_a_trained_mixtral_starts_at_its_ce(corpus, tmp_path):
+    """hf_causal_lm on a Mixtral directory (`pretrained_model_name_or_path`) with `grow: 2`: the grown Mixtral's
+    step-0 CE is the source Mixtral's (evaluated by foundry's plain hf_causal_lm, the CPT recipe)."""
+    from test_hf_upcycle import V, hf_recipe
+    from test_import import save_dense
+    from transformers import AutoModelForCausalLM
+    from foundry_upcycle.export.hf_import import import_hf_to_mixtral
+    save_dense(tmp_path / 'llama', vocab_size=V, max_shard_size='60KB')
+    first = import_hf_to_mixtral(tmp_path / 'llama', tmp_path / 'moe', num_experts=4, top_k=1, progress=False).path
+    mixtral = AutoModelForCausalLM.from_pretrained(str(first), torch_dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in mixtral.named_parameters():
+            if 'block_sparse_moe' in name:
+                p.add_(torch.randn_like(p) * p.std())            # a trained-looking MoE: distinct experts
+    source = tmp_path / 'mixtral'
+    mixtral.save_pretrained(str(source))
+    for f in corpus['tokenizer'].iterdir():
+        (source / f.name).write_bytes(f.read_bytes())
+    ce = {}
+    for arm in ('cpt', 'upcycle'):
+        cfg = hf_recipe(arm, source, corpus, tmp_path / arm, max_duration='1ba')
+        if arm == 'upcycle':
+            cfg['upcycle'].update(num_experts=4, top_k=1, grow=2)
+        trainer = run_train(cfg)
+        ce[arm] = step0_ce(trainer)
+        if arm == 'upcycle':
+            config = trainer.state.model.model.config
+            assert (config.num_local_experts, config.num_experts_per_tok) == (8, 2)
+        trainer.close()
+    for split in SPLITS:
+        assert abs(ce['cpt'][split] - ce['upcycle'][split]) < 1e-5, (split, ce)
