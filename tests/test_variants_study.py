@@ -78,5 +78,7 @@ def test_report_tables_each_variant_against_cpt_and_the_paper(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith('| 1 | Drop-Upcycling r=0.5 |'))
     assert f'{c["gap"]:+.4f} [{lo:+.4f}, {hi:+.4f}] drop0.5 ahead' in row
     assert '| 1 | upcycled (MoE) |' in text and '(reference)' in text
+    assert '![Drop-Upcycling r=0.5](router_drop0.5.png)' in text
+    assert (tmp_path / 'router_drop0.5.png').read_bytes().startswith(b'\x89PNG')
     plain = R.write_report(synthetic_results(), tmp_path / 'plain').read_text()
     assert 'Upcycling variants' not in plain

@@ -16,7 +16,7 @@ from foundry_upcycle.study.figures import (FIGURES, ROUTER_FIGURE, plot_figure1,
                                            plot_router, plot_throughput, router_summary)
 from foundry_upcycle.study.results_view import (arm_names, budgets_of, check_results, eval_value,
                                                 find_arm, flop_ratio, num)
-from foundry_upcycle.study.variant_table import variant_lines
+from foundry_upcycle.study.variant_table import router_figure, variant_arms, variant_lines
 
 TINY_PARAMS = 100_000_000     # below this the report warns that gauntlet scores are near chance
 
@@ -236,7 +236,7 @@ def render_markdown(results: Mapping[str, Any], figures: Mapping[str, str],
         *_verdict_lines(results, 'core_average'),
         '',
         *(['## Upcycling variants: each against CPT and against the paper\'s recipe', '', *variants, '']
-          if (variants := variant_lines(results)) else []),
+          if (variants := variant_lines(results, router is not None)) else []),
         '## Learning rates',
         '',
         *_lr_lines(results),
@@ -301,6 +301,10 @@ def write_report(results: dict, out_dir, extra_sections: Sequence[str] = ()) -> 
     router = router_summary(results)
     if router is not None:
         plot_router(router, out / ROUTER_FIGURE)
+    for arm in variant_arms(results):        # each variant's router health (fine-grained: E*G experts)
+        summary = router_summary(results, arm)
+        if summary is not None:
+            plot_router(summary, out / router_figure(arm))
     text = render_markdown(results, FIGURES, extra_sections, router)
     report = out / 'report.md'
     atomic_write(str(report), lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))

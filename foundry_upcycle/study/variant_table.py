@@ -46,9 +46,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(r) + ' |' for r in rows]
 
 
-def variant_lines(results: Mapping[str, Any]) -> list[str]:
-    """The section's markdown lines; [] for a study without variants (only CPT and the paper's recipe)."""
-    names = [a for a in arm_names(results) if a not in (arm_registry.BASELINE, arm_registry.PRIMARY)]
+def variant_arms(results: Mapping[str, Any]) -> list[str]:
+    """The study's arms besides CPT and the paper's recipe."""
+    return [a for a in arm_names(results) if a not in (arm_registry.BASELINE, arm_registry.PRIMARY)]
+
+
+def router_figure(arm: str) -> str:
+    return f'router_{arm}.png'
+
+
+def variant_lines(results: Mapping[str, Any], router_figures: bool = False) -> list[str]:
+    """The section's markdown lines; [] for a study without variants (only CPT and the paper's recipe).
+    router_figures: the runs logged router health (`router_<arm>.png` written beside the report)."""
+    names = variant_arms(results)
     if not names:
         return []
     cpt = {b: find_arm(results, arm_registry.BASELINE, b) for b in budgets_of(results)}
@@ -72,4 +82,8 @@ def variant_lines(results: Mapping[str, Any]) -> list[str]:
         lines += _table(['budget', 'arm', 'tokens / CPT\'s', 'active / total params', f'{title}', 'vs CPT',
                          'vs paper\'s recipe'], rows)
         lines.append('')
+    if router_figures:
+        lines += ['Router health of each variant at the largest budget (seed 0), as `router.png` for the paper\'s '
+                  'recipe (a fine-grained model has E*G experts; an MoE on some blocks shows its MoE blocks only):', '']
+        lines += [f'![{arm_label(a)}]({router_figure(a)})' for a in names] + ['']
     return lines[:-1]
