@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from foundry_upcycle.checkpoint_io import require_readable_file
 from foundry_upcycle.config import UpcycleConfig, moe_model_fields
@@ -168,10 +168,17 @@ def _take_source(cfg: dict[str, Any], ucfg: UpcycleConfig) -> str:
     return source
 
 
-def _set_lr(optimizer: dict[str, Any], lr: float) -> None:
-    """Sets lr; Composer's decoupled optimizers decay by weight_decay per step (not lr * weight_decay), so their
-    weight_decay scales with lr to keep the paper's (coupled) decay."""
+def lr_settings(optimizer: Mapping[str, Any], lr: float) -> dict[str, Any]:
+    """The optimizer keys that train a recipe at `lr` instead of its own: lr, and for Composer's decoupled
+    optimizers, which decay by weight_decay per step (not lr * weight_decay), weight_decay scaled with lr to keep
+    the paper's (coupled) decay. The one rule for every arm: the upcycle block's lr goes through it, and the
+    study sets the CPT arm's lr with it too."""
+    out: dict[str, Any] = {'lr': lr}
     old = optimizer.get('lr')
     if str(optimizer.get('name', '')).startswith('decoupled_') and old and optimizer.get('weight_decay'):
-        optimizer['weight_decay'] = float(optimizer['weight_decay']) * lr / float(old)
-    optimizer['lr'] = lr
+        out['weight_decay'] = float(optimizer['weight_decay']) * lr / float(old)
+    return out
+
+
+def _set_lr(optimizer: dict[str, Any], lr: float) -> None:
+    optimizer.update(lr_settings(optimizer, lr))

@@ -477,13 +477,55 @@ def test_seconds_missing_is_said_not_invented_and_ties_are_called():
     assert 'train_seconds missing' in be['verdict_seconds']
     assert any('no training seconds' in w for w in cost['warnings'])
     mid = cost['budgets'][1]
-    assert mid['ce_domain_gain'] == pytest.approx(0.01) and mid['ce_domain_tie'] is True  # 0.01 < 2 x 0.028
-    assert cost['budgets'][2]['ce_domain_tie'] is False
-    assert 'a tie' in C.render_cost_section(cost)
+    assert mid['ce_domain_gain'] == pytest.approx(0.01) and mid['ce_domain_verdict'] == 'tie'  # 0.01 < 2 x 0.028
+    assert cost['budgets'][2]['ce_domain_verdict'] == 'upcycle'
+    md = C.render_cost_section(cost)
+    assert 'a tie' in md and 'The seconds basis is missing:' in md and 'beyond no seconds basis' not in md
     with pytest.raises(ValueError, match="arms\\[0\\]: field 'n_seeds'"):
         bad = schema2(make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6]))
         del bad['arms'][0]['n_seeds']
         C.build_cost(bad, make_inference())
+
+
+def schema3(results, winners, seconds=None):
+    """results.json schema 3: the study's paired verdicts (`comparisons`) per budget, with 95% intervals."""
+    out = schema2(results, seconds=seconds)
+    out['schema'] = 3
+    comps = {}
+    for b in out['budgets']:
+        up = next(a for a in out['arms'] if a['arm'] == 'upcycle' and a['budget'] == b)['eval']['ce_domain']
+        cpt = next(a for a in out['arms'] if a['arm'] == 'cpt' and a['budget'] == b)['eval']['ce_domain']
+        gap = up - cpt
+        comps[f'{b:g}'] = {'ce_domain': {'winner': winners[b], 'gap': gap, 'ci': [gap - 0.01, gap + 0.01],
+                                         'test': 'paired t over seeds'}}
+    out['comparisons'] = {'upcycle': comps}
+    return out
+
+
+def test_a_tie_never_reads_as_a_win():
+    """Whatever the CPT curve says (interpolated, extrapolated, never), a gap the study's test calls a tie reads as
+    a tie in the cost text, never as a win; a real lead says how each break-even was found."""
+    # CPT saturates at 2.8: the upcycled 2.9 is interpolated, the 2.7s are never reached
+    results = make_results([3.0, 2.8, 2.8, 2.8], [2.9, 2.7, 2.7, 2.79], budgets=(0.1, 0.2, 0.4, 0.8),
+                           flops=(1e12, 2e12, 4e12, 8e12))
+    seconds = {'cpt': [100.0, 200.0, 400.0, 800.0], 'upcycle': [120.0, 240.0, 480.0, 960.0]}
+    growing = make_results([3.0, 2.9, 2.8], [2.85, 2.85, 2.6])              # the 2.6 is extrapolated
+    statuses = set()
+    for res, budgets in ((results, (0.1, 0.2, 0.4, 0.8)), (growing, (0.25, 0.5, 1.0))):
+        secs = seconds if len(budgets) == 4 else {k: v[:3] for k, v in seconds.items()}
+        ties = C.build_cost(schema3(res, {b: 'tie' for b in budgets}, secs), make_inference())
+        statuses |= {row['break_even']['ce_domain']['status'] for row in ties['budgets']}
+        decisions = [line for line in C.render_cost_section(ties).splitlines() if line.startswith(('- 0.', '- 1'))]
+        assert len(decisions) == len(budgets)
+        for line in decisions:
+            assert 'a tie' in line and 'win' not in line and 'ahead' not in line, line
+    assert {'interpolated', 'extrapolated', 'never'} <= statuses
+    wins = C.build_cost(schema3(results, {0.1: 'upcycle', 0.2: 'upcycle', 0.4: 'upcycle', 0.8: 'tie'}, seconds),
+                        make_inference())
+    text = C.render_cost_section(wins)
+    assert '- 0.1x: upcycling is ahead on ce_domain' in text and 'interpolated between measured CPT runs' in text
+    assert 'by measured training and serving seconds' in text and 'paired t over seeds' in text
+    assert '- 0.8x: a tie' in text
 
 
 def test_cost_report_files_and_section(tmp_path):

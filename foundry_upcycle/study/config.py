@@ -12,7 +12,7 @@ Example study.yaml (the CLI flags override it):
     seed: 17
     seeds: 3                                  # phase-2 seeds at the largest budget (seeds_other elsewhere)
     pretrain_steps: 850                       # or pretrain_tokens_per_param: [64] (a list: one study per base)
-    lr_sweep: [5.0e-4, 1.0e-3, 2.0e-3]        # optional: pick each arm's lr at the smallest budget
+    lr_sweep: [5.0e-4, 1.0e-3, 2.0e-3]        # each arm's lr grid at the smallest budget, on validation
     model: {d_model: 64, n_layers: 2}        # overrides of every recipe's `model:` block
     upcycle: {num_experts: 4}                # overrides of the upcycling recipe's `upcycle:` block
     data: {generic_dir: my/prose, domain_dir: my/code, vocab_size: 1024}
@@ -42,7 +42,10 @@ DEFAULT_BUDGETS = (0.1, 0.2, 0.4)
 # 850 steps x 32 x 128 tokens = 3.48M tokens for the 54,432-parameter default base: 64 tokens per parameter.
 DEFAULT_PRETRAIN_STEPS = 850
 DEFAULT_SEEDS = 3
-DEFAULT_SEEDS_OTHER = 2
+DEFAULT_SEEDS_OTHER = 3
+# Each arm's phase-2 lr grid (study/lr_select.py: extended past an edge optimum): x2 steps around the recipes' 2.8e-3.
+DEFAULT_LR_GRID = (1.4e-3, 2.8e-3, 5.6e-3, 1.12e-2)
+LR_CHECKS = ('up', 'both', 'off')
 # One torch thread: results do not depend on the machine's core count, and on a shared machine one thread ran these
 # tiny models ~3x faster than two (busy-waiting OpenMP threads); its CPU time per step is the idle wall time.
 DEFAULT_THREADS = 1
@@ -68,7 +71,12 @@ class StudyConfig:
     # dense base: pretrained here (tiny), or given (dense_checkpoint + the tokens it was pretrained on)
     pretrain_steps: Optional[int] = None          # None: DEFAULT_PRETRAIN_STEPS, or from pretrain_tokens_per_param
     pretrain_tokens_per_param: tuple[float, ...] = ()   # one value: the base's length; several: one study each
-    lr_sweep: tuple[float, ...] = ()              # phase-2 lrs tried at the smallest budget (seed 0); best per arm
+    # phase-2 lr grid tried at the smallest budget (seed 0), each arm's best on validation; None: DEFAULT_LR_GRID
+    # unless lr / upcycle_lr are given; (): no sweep (the recipes' lrs)
+    lr_sweep: Optional[tuple[float, ...]] = None
+    lr_extend: int = 2                            # grid steps added past an edge optimum, per arm
+    lr_check: str = 'up'                          # check the choice at the largest budget (seed 0) at its grid
+                                                  # neighbour above ('up'), both neighbours ('both'), or 'off'
     dense_checkpoint: Optional[str] = None
     pretrain_tokens: Optional[int] = None
     # training settings shared by all runs; None keeps the recipe's value
@@ -108,14 +116,18 @@ class StudyConfig:
         self._check_arms()
         for key in ('pretrain_tokens_per_param', 'lr_sweep'):
             value = getattr(self, key)
+            if value is None:
+                continue
             value = parse_numbers(value, key) if isinstance(value, str) else tuple(value or ())
             if any(not _is_number(v) or v <= 0 for v in value) or len(set(value)) != len(value):
                 raise ValueError(f'{key} must be distinct numbers > 0, got {list(value)}')
             object.__setattr__(self, key, tuple(float(v) for v in value))
         if self.pretrain_steps is not None and self.pretrain_tokens_per_param:
             raise ValueError('give pretrain_steps or pretrain_tokens_per_param, not both')
-        if len(self.lr_sweep) == 1:
+        if self.lr_sweep is not None and len(self.lr_sweep) == 1:
             raise ValueError('lr_sweep: give at least two learning rates (or set lr / upcycle_lr directly)')
+        if not _is_int(self.lr_extend) or self.lr_extend < 0:
+            raise ValueError(f'lr_extend must be an integer >= 0, got {self.lr_extend!r}')
         if self.upcycle.get('router_weights') is not None and self.upcycle['router_weights'] not in ROUTER_WEIGHTS:
             raise ValueError(f'upcycle.router_weights: {self.upcycle["router_weights"]!r} is not one of '
                              f'{list(ROUTER_WEIGHTS)}')
@@ -144,6 +156,8 @@ class StudyConfig:
                 raise ValueError(f'{key} must be a {cls.__name__}')
         if self.scale == 'tiny' and self.max_seq_len is not None and self.data.max_seq_len != self.max_seq_len:
             object.__setattr__(self, 'data', dataclasses.replace(self.data, max_seq_len=self.max_seq_len))
+        if self.lr_check not in LR_CHECKS:
+            raise ValueError(f'lr_check: {self.lr_check!r} is not one of {list(LR_CHECKS)}')
         for key in ('progress', 'timing'):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f'{key} must be true or false, got {getattr(self, key)!r}')
@@ -253,6 +267,14 @@ class StudyConfig:
     def regimes(self) -> tuple[float, ...]:
         """Several pretraining lengths (tokens per parameter): one sub-study each; () for a single study."""
         return self.pretrain_tokens_per_param if len(self.pretrain_tokens_per_param) > 1 else ()
+
+    @property
+    def lr_grid(self) -> tuple[float, ...]:
+        """The lr grid the study sweeps: lr_sweep; else, for the tiny study, the default unless lr / upcycle_lr fix the
+        lrs (a paper-scale study trains at its recipes' lrs, the paper's, unless given a grid); () none."""
+        if self.lr_sweep is not None:
+            return self.lr_sweep
+        return () if (self.lr or self.upcycle_lr or self.scale != 'tiny') else DEFAULT_LR_GRID
 
     def seeds_at(self, budget: float) -> int:
         return self.seeds if budget == max(self.budgets) else self.seeds_other

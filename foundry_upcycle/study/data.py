@@ -1,5 +1,6 @@
 """Built-in study data, end to end: documents (`study/corpora.py`) -> a local BPE tokenizer and MDS splits
-(`study/mds.py`) in `<out>/{tokenizer, text, mds/{generic,domain}/{train,val}}`.
+(`study/mds.py`) in `<out>/{tokenizer, text, mds/{generic,domain}/{train,val,test}}`, and, in the manifest, where
+each held-out document sits in its split's token stream.
 
 `prepare_data` is idempotent (skips work when the config hash is unchanged) and atomic (builds in a temp
 folder, then renames).
@@ -17,15 +18,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from foundry_upcycle.atomic import atomic_output_dir
-from foundry_upcycle.study.corpora import SPLITS, _user_source, _walk_files, collect_documents
+from foundry_upcycle.study.corpora import _user_source, _walk_files, collect_documents
+from foundry_upcycle.study.splits import EVAL_SPLITS, SPLITS
 from foundry_upcycle.study.data_config import DataConfig
-from foundry_upcycle.study.mds import train_tokenizer, write_mds
+from foundry_upcycle.study.mds import document_tokens, train_tokenizer, write_mds
 from foundry_upcycle.study.shakespeare import SHAKESPEARE_SHA256
 
 __all__ = ['DataConfig', 'DataArtifacts', 'prepare_data', 'validate_sources', 'config_hash', 'CORPORA', 'SPLITS']
 
 CORPORA = ('generic', 'domain')
-FORMAT_VERSION = 2          # bump whenever the processing below changes what prepare_data produces
+FORMAT_VERSION = 3          # bump whenever the processing below changes what prepare_data produces
 _MANIFEST = 'manifest.json'
 _MANIFEST_KIND = 'foundry-upcycle-data'
 
@@ -41,7 +43,9 @@ class DataArtifacts:
     tokens: Mapping[str, int]
     chars: Mapping[str, int]
     config_hash: str
-    val_documents: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    # '<corpus>/<val|test>' -> [{'name', 'cluster', 'tokens'}] in stream order (tokens: the document's share of
+    # the MDS token stream, its EOS included); what the evaluation attributes per-token losses to
+    documents: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)
 
     def dataset(self, corpus: str, split: str, shuffle: Optional[bool] = None) -> dict[str, Any]:
         """The `dataset:` block of a foundry `text` loader reading one split."""
@@ -88,7 +92,7 @@ def _artifacts(root: Path, manifest: Mapping[str, Any]) -> DataArtifacts:
         root=root, tokenizer_dir=root / 'tokenizer', vocab_size=manifest['vocab_size'],
         max_seq_len=manifest['config']['max_seq_len'], mds={c: root / 'mds' / c for c in CORPORA},
         tokens=manifest['tokens'], chars=manifest['chars'], config_hash=manifest['config_hash'],
-        val_documents=manifest['val_documents'])
+        documents=manifest['documents'])
 
 
 def _read_manifest(root: Path) -> Optional[dict[str, Any]]:
@@ -126,7 +130,7 @@ def _build(cfg: DataConfig, tmp: Path, want_hash: str, progress: bool, say: Call
     train_tokenizer(train_text, tmp / 'tokenizer', cfg.vocab_size, cfg.max_seq_len, progress)
     from transformers import AutoTokenizer
     vocab_size = len(AutoTokenizer.from_pretrained(str(tmp / 'tokenizer')))
-    tokens = {}
+    tokens, documents = {}, {}
     for corpus in CORPORA:
         for split in SPLITS:
             say(f'MDS {corpus}/{split} ({len(docs[corpus][split])} documents)')
@@ -136,10 +140,13 @@ def _build(cfg: DataConfig, tmp: Path, want_hash: str, progress: bool, say: Call
                 raise ValueError(f'{corpus}/{split}: {chars[f"{corpus}/{split}"]} characters make less than one '
                                  f'sample of max_seq_len={cfg.max_seq_len} tokens; raise data.{corpus}_{split}_chars')
             tokens[f'{corpus}/{split}'] = samples * cfg.max_seq_len
+            if split in EVAL_SPLITS:
+                lengths = document_tokens(docs[corpus][split], tmp / 'tokenizer', samples, cfg.max_seq_len)
+                documents[f'{corpus}/{split}'] = [{'name': d.name, 'cluster': d.cluster, 'tokens': n}
+                                                  for d, n in zip(docs[corpus][split], lengths)]
     return {
         'kind': _MANIFEST_KIND, 'config_hash': want_hash, 'config': cfg.to_mapping(), 'vocab_size': vocab_size,
-        'tokens': tokens, 'chars': chars,
-        'val_documents': {c: [d.name for d in docs[c]['val']] for c in CORPORA},
+        'tokens': tokens, 'chars': chars, 'documents': documents,
     }
 
 

@@ -19,10 +19,13 @@ class DataConfig:
     domain_dir: Optional[str] = None         # None: built-in mix of stdlib code and held-out prose
     code_fraction: float = 0.7               # built-in domain mix only (all the held-out prose + code)
     generic_code_fraction: float = 0.2       # built-in generic corpus only: stdlib code besides the plays
-    generic_train_chars: int = 4_800_000     # about all of the built-in plays (4.81M characters)
-    generic_val_chars: int = 150_000
+    generic_train_chars: int = 4_500_000     # most of the built-in plays (4.81M characters)
+    generic_val_chars: int = 40_000          # training-time eval only (chooses nothing)
+    generic_test_chars: int = 120_000        # held-out generic CE (forgetting), reported
     domain_train_chars: int = 4_800_000
-    domain_val_chars: int = 150_000
+    domain_val_chars: int = 100_000          # chooses the phase-2 lrs
+    domain_test_chars: int = 150_000         # held-out domain CE, reported: never used to choose anything
+    eval_doc_chars: int = 2_000              # each val / test document: an excerpt of at most this many characters
     vocab_size: int = 512
     max_seq_len: int = 128
     seed: int = 0
@@ -34,8 +37,8 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
                 raise ValueError(f'data.{key} must be a non-empty path, got {value!r}')
-        for key in ('generic_train_chars', 'generic_val_chars', 'domain_train_chars', 'domain_val_chars',
-                    'max_seq_len'):
+        for key in ('generic_train_chars', 'generic_val_chars', 'generic_test_chars', 'domain_train_chars',
+                    'domain_val_chars', 'domain_test_chars', 'eval_doc_chars', 'max_seq_len'):
             _positive_int(getattr(self, key), key)
         _positive_int(self.vocab_size, 'vocab_size')
         if self.vocab_size < 260:

@@ -1,9 +1,11 @@
 """Evaluation of one arm with foundry's own machinery: held-out cross-entropy and the ICL gauntlet.
 
 The steps are those of `llmfoundry.command_utils.eval.evaluate_model`, in-process so `llmfoundry` is imported once:
-foundry's `text` eval loaders (`build_eval_loaders`, metrics `LanguageCrossEntropy`, ...) on each MDS validation
-split, `build_icl_evaluators` on the gauntlet tasks (`gauntlet.prepare_gauntlet`), Composer's `Trainer.eval`, and
-foundry's `EvalGauntlet` callback for its core average. Two deliberate differences from `llmfoundry eval`:
+foundry's `StreamingTextDataset` on each held-out MDS split, its loss per token attributed to the held-out
+documents (`study/heldout.py`: the same number as foundry's `LanguageCrossEntropy`, plus the per-document sums the
+study's noise estimate resamples), `build_icl_evaluators` on the gauntlet tasks (`gauntlet.prepare_gauntlet`),
+Composer's `Trainer.eval`, and foundry's `EvalGauntlet` callback for its core average. Deliberate differences from
+`llmfoundry eval`:
 - weights are read with `torch.load(weights_only=True)` (`checkpoint_io.load_state_dict`) and loaded strictly,
   instead of Composer's `load_path`, which unpickles the whole checkpoint;
 - the tokenizer, data loaders and ICL datasets are built once per `EvalSession` and reused for every model.
@@ -19,9 +21,10 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from foundry_upcycle.study.gauntlet import GauntletSpec, PreparedGauntlet, gauntlet_scores, prepare_gauntlet
+from foundry_upcycle.study.heldout import heldout_losses, open_split
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +96,12 @@ def _mds_dir(name: str, path: Union[str, os.PathLike]) -> Path:
     return p
 
 
-def _text_loader_config(label: str, mds_dir: Path, seq_len: int) -> dict[str, Any]:
-    return {
-        'label': label, 'name': 'text',
-        'dataset': {'local': str(mds_dir), 'split': None, 'shuffle': False, 'max_seq_len': seq_len},
-        'drop_last': False, 'num_workers': 0, 'prefetch_factor': None, 'persistent_workers': False,
-        'pin_memory': False,
-    }
-
-
 class EvalSession:
     """Builds the tokenizer, validation loaders and ICL datasets once; `evaluate` runs one checkpoint through them.
 
-    eval_data: name -> MDS validation split folder (holding index.json); results as `ce_<name>`.
+    eval_data: name -> held-out MDS split folder (holding index.json); results as `ce_<name>`, with the per-unit
+      sums as `heldout[name]`. doc_tokens: name -> each document's span in that split's token stream (units:
+      documents); a name without spans is read in sequence blocks.
     icl: the gauntlet tasks, or None for cross-entropy only.
     work_dir: scratch space (task subsets, foundry's processed ICL copies).
     num_threads: torch intra-op threads while evaluating (None: leave as is). On a 2-core machine shared with other
@@ -114,11 +110,13 @@ class EvalSession:
 
     def __init__(self, tokenizer_dir: Union[str, os.PathLike], eval_data: Mapping[str, Union[str, os.PathLike]],
                  icl: Optional[GauntletSpec], seq_len: int, batch_size: int, work_dir: Union[str, os.PathLike],
-                 progress: bool = True, num_threads: Optional[int] = None):
+                 progress: bool = True, num_threads: Optional[int] = None,
+                 doc_tokens: Optional[Mapping[str, Sequence[int]]] = None):
         if not Path(tokenizer_dir).is_dir():
             raise ValueError(f'tokenizer: {tokenizer_dir} is not a tokenizer directory')
         self.tokenizer_dir = str(tokenizer_dir)
         self.eval_data = {name: _mds_dir(name, path) for name, path in eval_data.items()}
+        self.doc_tokens = {k: list(v) for k, v in (doc_tokens or {}).items()}
         if icl is not None and not isinstance(icl, GauntletSpec):
             raise ValueError(f'icl: expected a GauntletSpec or None, got {type(icl).__name__}')
         self.icl = icl
@@ -141,13 +139,14 @@ class EvalSession:
     def _build(self) -> None:
         from datasets.utils.logging import disable_progress_bar
         from llmfoundry.callbacks import EvalGauntlet
-        from llmfoundry.utils.builders import build_eval_loaders, build_icl_evaluators, build_tokenizer
+        from llmfoundry.utils.builders import build_icl_evaluators, build_tokenizer
 
         disable_progress_bar()  # one "Map" bar per ICL dataset otherwise
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = build_tokenizer(self.tokenizer_dir, {'model_max_length': self.seq_len})
-        loaders = [_text_loader_config(name, path, self.seq_len) for name, path in self.eval_data.items()]
-        evaluators = build_eval_loaders(loaders, self.tokenizer, self.batch_size) if loaders else []
+        self.splits = {name: open_split(self.tokenizer, path, self.seq_len, self.batch_size)
+                       for name, path in self.eval_data.items()}
+        evaluators = []
         self.gauntlet = None
         if self.icl is not None:
             self.prepared = prepare_gauntlet(self.icl, self.work_dir / 'icl_data', self._count_tokens, self.seq_len)
@@ -190,31 +189,42 @@ class EvalSession:
             self._build()
         model = build_composer_model(name=name, cfg=cfg, tokenizer=self.tokenizer)
         _load_weights(model, checkpoint)
-        evaluators = add_metrics_to_eval_loaders(self._evaluators, list(model.get_metrics(is_train=True)))
-        with warnings.catch_warnings():
-            _quiet_known_warnings()
-            trainer = Trainer(model=model, precision='amp_bf16' if torch.cuda.is_available() else 'fp32',
-                              progress_bar=False, log_to_console=False, loggers=[], seed=0)
-        try:
-            bar = tqdm(evaluators, desc=f'eval {Path(checkpoint).name}', unit='task', disable=not self.progress)
-            self.last_seconds_by_task = {}
-            for evaluator in bar:
-                bar.set_postfix_str(evaluator.label)
-                t0 = time.time()
-                with warnings.catch_warnings():
-                    _quiet_known_warnings()
-                    trainer.eval(eval_dataloader=evaluator)
-                self.last_seconds_by_task[evaluator.label] = round(time.time() - t0, 3)
-            out = self._results(trainer.state)
-        finally:
-            trainer.close()
-            del trainer, model
-            gc.collect()
+        self.last_seconds_by_task = {}
+        heldout = {}
+        for label, dataset in self.splits.items():
+            t0 = time.time()
+            heldout[label] = heldout_losses(model, dataset, self.batch_size, self.doc_tokens.get(label))
+            self.last_seconds_by_task[label] = round(time.time() - t0, 3)
+        state = None
+        if self._evaluators:
+            evaluators = add_metrics_to_eval_loaders(self._evaluators, list(model.get_metrics(is_train=True)))
+            with warnings.catch_warnings():
+                _quiet_known_warnings()
+                trainer = Trainer(model=model, precision='amp_bf16' if torch.cuda.is_available() else 'fp32',
+                                  progress_bar=False, log_to_console=False, loggers=[], seed=0)
+            try:
+                bar = tqdm(evaluators, desc=f'eval {Path(checkpoint).name}', unit='task', disable=not self.progress)
+                for evaluator in bar:
+                    bar.set_postfix_str(evaluator.label)
+                    t0 = time.time()
+                    with warnings.catch_warnings():
+                        _quiet_known_warnings()
+                        trainer.eval(eval_dataloader=evaluator)
+                    self.last_seconds_by_task[evaluator.label] = round(time.time() - t0, 3)
+                state = trainer.state
+                out = self._results(state, heldout)
+            finally:
+                trainer.close()
+                del trainer
+        else:
+            out = self._results(None, heldout)
+        del model
+        gc.collect()
         return out
 
-    def _results(self, state) -> dict[str, Any]:
-        out: dict[str, Any] = {f'ce_{name}': float(state.eval_metrics[f'eval/{name}']['LanguageCrossEntropy'].compute())
-                               for name in self.eval_data}
+    def _results(self, state, heldout: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {f'ce_{name}': h['ce'] for name, h in heldout.items()}
+        out['heldout'] = {name: {'units': h['units'], 'unit': h['unit']} for name, h in heldout.items()}
         tasks, foundry = self._gauntlet_metrics(state)
         scores = gauntlet_scores(tasks)
         ours_of_foundry_rule = scores['core_average_foundry']
@@ -244,7 +254,7 @@ class EvalSession:
 
     def _gauntlet_metrics(self, state) -> tuple[dict[str, float], dict[str, float]]:
         """(task -> accuracy, foundry's EvalGauntlet scores by category and 'core_average')."""
-        if self.gauntlet is None:
+        if self.gauntlet is None or state is None:
             return {}, {}
         per_label = self.gauntlet.extract_metrics_from_state(state)  # 'copa/0-shot' -> acc, subcategories averaged
         tasks = {label.split('/')[0]: float(acc) for label, acc in per_label.items()}
@@ -285,8 +295,10 @@ def evaluate_checkpoint(checkpoint: Union[str, os.PathLike], model_cfg: Mapping[
                         tokenizer_dir: Union[str, os.PathLike], eval_data: Mapping[str, Union[str, os.PathLike]],
                         icl: Optional[GauntletSpec], seq_len: int, batch_size: int,
                         work_dir: Union[str, os.PathLike], progress: bool = True,
-                        num_threads: Optional[int] = None) -> dict[str, Any]:
+                        num_threads: Optional[int] = None,
+                        doc_tokens: Optional[Mapping[str, Sequence[int]]] = None) -> dict[str, Any]:
     """One checkpoint's eval results: {'ce_<name>': .., 'core_average': .., 'core_average_foundry': ..,
     'tasks': {task: accuracy}, 'categories': {...}, ...}. For several checkpoints, reuse one `EvalSession`."""
-    session = EvalSession(tokenizer_dir, eval_data, icl, seq_len, batch_size, work_dir, progress, num_threads)
+    session = EvalSession(tokenizer_dir, eval_data, icl, seq_len, batch_size, work_dir, progress, num_threads,
+                          doc_tokens)
     return session.evaluate(checkpoint, model_cfg)

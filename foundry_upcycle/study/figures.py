@@ -17,8 +17,9 @@ from foundry_upcycle.atomic import atomic_write
 from foundry_upcycle.study import arms as arm_registry
 from foundry_upcycle.study.arms import color as arm_color
 from foundry_upcycle.study.arms import label as arm_label
-from foundry_upcycle.study.results_view import (DENSE_COLOR, DENSE_LABEL, arm_names, budgets_of, eval_value,
-                                                find_arm, flop_ratio, num, two_se)
+from foundry_upcycle.study.results_view import (DENSE_COLOR, DENSE_LABEL, above_chance, arm_names, budgets_of,
+                                                ci_half, eval_value,
+                                                find_arm, flop_ratio, num)
 
 BUDGET_AXIS = 'training budget (fraction of the dense pretraining FLOPs)'
 # Below this chance-normalised score a relative change divides by noise.
@@ -75,39 +76,50 @@ def _save(fig, path: Path) -> None:
     atomic_write(str(path), lambda tmp: fig.savefig(tmp, format='png', dpi=110))
 
 
+def _core_panel(ax, results: Mapping[str, Any]) -> None:
+    """Relative core-average gain, only at budgets where CPT's core average is significantly above chance (a ratio
+    of two near-zero numbers is noise); with none, the absolute core averages with their 95% intervals."""
+    up, base = arm_registry.PRIMARY, arm_registry.BASELINE
+    ok = [b for b in budgets_of(results) if above_chance(find_arm(results, base, b))]
+    ax.axhline(0, color='black', lw=0.8)
+    if ok:
+        gains = [relative_gain(eval_value(find_arm(results, up, b), 'core_average'),
+                               eval_value(find_arm(results, base, b), 'core_average')) for b in ok]
+        ax.plot(ok, gains, 'o-', color=arm_color(up), lw=2, label='upcycled vs CPT')
+        for b in budgets_of(results):
+            if b not in ok:
+                ax.annotate('n/a', (b, 0), textcoords='offset points', xytext=(0, 8), ha='center', color='gray')
+        ax.set_ylabel('relative core-average gain of upcycled over CPT (%)')
+        ax.set_title('Core average: upcycled vs CPT\n(n/a: CPT not significantly above chance there)')
+        ax.legend(loc='best')
+    else:
+        for arm in arm_names(results):
+            bx, by = _series(results, arm, lambda a: eval_value(a, 'core_average'))
+            errs = [ci_half(find_arm(results, arm, b), 'core_average') or 0.0 for b in bx]
+            if bx:
+                ax.errorbar(bx, by, yerr=errs, fmt='o-', color=arm_color(arm), capsize=3, label=arm_label(arm))
+        ax.set_ylabel('core average (chance-normalised; 0 = chance)')
+        ax.set_title('Core average (bars: 95% CI). CPT is not significantly above\nchance at any budget: '
+                     'no relative gain is shown (it would divide noise)', fontsize=9)
+        if ax.lines:
+            ax.legend(loc='best', fontsize=8)
+    _budget_axis(ax, results)
+
+
 def plot_figure1(results: Mapping[str, Any], path: Path) -> None:
     fig, axes = _new_figure(2)
-    ax = axes[0][0]
-    xs, gains, na = [], [], []
-    for b in budgets_of(results):
-        g = relative_gain(*(eval_value(find_arm(results, a, b), 'core_average')
-                            for a in (arm_registry.PRIMARY, arm_registry.BASELINE)))
-        if g is None:
-            na.append(b)
-        else:
-            xs.append(b)
-            gains.append(g)
-    ax.axhline(0, color='black', lw=0.8)
-    if xs:
-        ax.plot(xs, gains, 'o-', color=arm_color(arm_registry.PRIMARY), lw=2,
-                label='upcycled vs CPT')
-    for b in na:
-        ax.annotate('n/a', (b, 0), textcoords='offset points', xytext=(0, 8), ha='center', color='gray')
-    ax.set_ylabel('relative core-average gain of upcycled over CPT (%)')
-    ax.set_title('Core average: upcycled vs CPT\n(n/a: missing, or CPT at chance level)')
-    _budget_axis(ax, results)
-    if xs:
-        ax.legend(loc='best')
+    _core_panel(axes[0][0], results)
     ax = axes[0][1]
     for arm in arm_names(results):
         bx, by = _series(results, arm, lambda a: eval_value(a, 'ce_domain'))
-        errs = [two_se(find_arm(results, arm, b), 'ce_domain') or 0.0 for b in bx]
+        errs = [ci_half(find_arm(results, arm, b), 'ce_domain') or 0.0 for b in bx]
         if bx:
             ax.errorbar(bx, by, yerr=errs, fmt='o-', color=arm_color(arm), capsize=3,
-                        label=f'{arm_label(arm)}: held-out domain CE (bars: 2 SE over seeds)')
+                        label=f'{arm_label(arm)}: held-out (test) domain CE (bars: 95% CI over seeds)')
         bx, by = _series(results, arm, lambda a: num((a or {}).get('train_ce_final')))
         if bx:
-            ax.plot(bx, by, 's--', color=arm_color(arm), alpha=0.6, label=f'{arm_label(arm)}: final train CE (last 5%)')
+            ax.plot(bx, by, 's--', color=arm_color(arm), alpha=0.6,
+                    label=f'{arm_label(arm)}: final train CE (last 5%)')
     dense_ce = eval_value(results.get('dense'), 'ce_domain')
     if dense_ce is not None:
         ax.axhline(dense_ce, color=DENSE_COLOR, ls=':', label=f'{DENSE_LABEL}: held-out domain CE')
@@ -124,10 +136,10 @@ def plot_figure4(results: Mapping[str, Any], path: Path) -> None:
     ax = axes[0][0]
     for arm in arm_names(results):
         bx, by = _series(results, arm, lambda a: eval_value(a, 'core_average'))
-        errs = [two_se(find_arm(results, arm, b), 'core_average') or 0.0 for b in bx]
+        errs = [ci_half(find_arm(results, arm, b), 'core_average') or 0.0 for b in bx]
         if bx:
             ax.errorbar(bx, by, yerr=errs, fmt='o-', color=arm_color(arm), lw=2, capsize=3,
-                        label=f'{arm_label(arm)} (bars: 2 SE, binomial + seeds)')
+                        label=f'{arm_label(arm)} (bars: 95% CI, seeds + ICL examples)')
     dense = eval_value(results.get('dense'), 'core_average')
     if dense is not None:
         ax.axhline(dense, color=DENSE_COLOR, ls='--', label=DENSE_LABEL)

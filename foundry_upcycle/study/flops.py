@@ -227,7 +227,12 @@ def matched_tokens(dense_cfg: Mapping[str, Any], moe_cfg: Mapping[str, Any], bud
 
 def matched_steps(dense_cfg: Mapping[str, Any], moe_cfg: Mapping[str, Any], budget_fraction: float,
                   pretrain_tokens: int, seq_len: int, tokens_per_step: int) -> tuple[int, int]:
-    """(cpt_steps, upcycle_steps) at `tokens_per_step` (global batch x seq_len) each, nearest whole step, >= 1."""
+    """(cpt_steps, upcycle_steps) at `tokens_per_step` (global batch x seq_len) each: the whole number of steps
+    nearest to the budget's FLOPs, so each arm is within half a step of the budget (at least 1 step). The one
+    function that turns a budget into steps (the study's plan calls it)."""
     tokens_per_step = _positive_int(tokens_per_step, 'tokens_per_step')
-    cpt, upcycle = matched_tokens(dense_cfg, moe_cfg, budget_fraction, pretrain_tokens, seq_len)
-    return max(1, round(cpt / tokens_per_step)), max(1, round(upcycle / tokens_per_step))
+    _check_budget(budget_fraction, pretrain_tokens)
+    dense_fpt = train_flops_per_token(dense_cfg, seq_len)
+    budget = budget_fraction * pretrain_tokens * dense_fpt
+    return tuple(max(1, round(budget / (fpt * tokens_per_step)))
+                 for fpt in (dense_fpt, train_flops_per_token(moe_cfg, seq_len)))

@@ -36,3 +36,21 @@ def export_and_benchmark(study, cpt, up, work: Path) -> dict[str, Any]:
     return {'inference_json': files['inference.json'], 'figure': files['latency_vs_throughput.png'],
             'hf': {k: str(Path(v).relative_to(work)) for k, v in paths.items()},
             'summary': result.get('summary')}
+
+
+def cost_section(results_path: Path, inference, out: Path) -> str:
+    """Runs the cost report on results.json and the inference stage's benchmark; returns its markdown section (or a
+    sentence saying why there is none)."""
+    import logging
+    from foundry_upcycle.bench.cost import cost_report, render_cost_section
+    inference_json = inference.dir / inference.outputs['inference_json']
+    try:
+        cost = cost_report(str(results_path), str(inference_json), str(out))
+    except ValueError as e:
+        logging.getLogger(__name__).warning('cost report not written: %s', e)
+        return f'## Inference cost\n\nThe cost report could not be computed: {e}\n'
+    text = render_cost_section(cost)
+    figures = [f'![Latency vs throughput](inference/{inference.outputs["figure"]})',
+               '![Break-even](cost/cost_breakeven.png)']
+    return (text.rstrip('\n') + '\n\n' + '\n\n'.join(figures) + '\n\nMeasured throughput table: '
+            '[inference/max_throughput.md](inference/max_throughput.md); cost details: cost/cost.json.\n')

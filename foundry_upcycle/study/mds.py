@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from foundry_upcycle.study.corpora import EOS, PAD, Document
+from foundry_upcycle.study.splits import EOS, PAD, Document
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: os.PathLike | str, vocab_size: int, max_seq_len: int,
@@ -68,3 +68,17 @@ def write_mds(docs: Sequence[Document], text_dir: Path, mds_dir: Path, tokenizer
     index = json.loads((mds_dir / 'index.json').read_text())
     return sum(shard['samples'] for shard in index['shards'])
 
+
+
+def document_tokens(docs: Sequence[Document], tokenizer_dir: Path, samples: int, max_seq_len: int) -> list[int]:
+    """Each document's length in the MDS token stream (its tokens + the EOS after it), counted as foundry's
+    converter tokenizes a file; the stream is cut into `samples` blocks of max_seq_len (the tail is dropped).
+    RuntimeError if the counts do not add up to the samples written (then the attribution would be wrong)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.model_max_length = 5_000_000_000
+    lengths = [len(tok(d.text, truncation=False, padding=False)['input_ids']) + 1 for d in docs]
+    if sum(lengths) // max_seq_len != samples:
+        raise RuntimeError(f'document token counts ({sum(lengths)} tokens) do not match the {samples} MDS samples '
+                           f'of {max_seq_len} tokens that foundry wrote')
+    return lengths

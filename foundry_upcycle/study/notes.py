@@ -18,14 +18,18 @@ def study_notes(results: Mapping[str, Any], study) -> str:
     if study.data is not None:
         toks = study.data.tokens
         lines.append(f'Data: {toks["generic/train"]:,} generic and {toks["domain/train"]:,} domain training tokens; '
-                     f'held-out validation {toks["generic/val"]:,} generic and {toks["domain/val"]:,} domain tokens.')
+                     f'validation {toks["generic/val"]:,} generic and {toks["domain/val"]:,} domain tokens (the domain '
+                     f'validation split chooses the lrs); test {toks["generic/test"]:,} generic and '
+                     f'{toks["domain/test"]:,} domain tokens (reported, chose nothing). No file is in two splits; a '
+                     'play or poem is cut into chapters, which may sit in different splits.')
     lines.append(f'Each arm\'s steps are its FLOP-matched token budget ({plan.flops["cpt"]:.3g} training FLOPs per '
                  f'token dense, {plan.flops["upcycle"]:.3g} upcycled, i.e. 6 x active non-embedding + LM-head '
                  'parameters + attention) rounded to whole steps; each phase-2 run has a fresh linear warm-up over '
                  f'{100 * cfg.warmup_fraction:g}% of its steps, then cosine decay to 0.')
     lines.append(f'Seeds: {cfg.seeds} at the largest budget, {cfg.seeds_other} at the others; phase-2 seed i trains '
                  f'with seed {cfg.seed} + i (data order) and router seed (block seed + i).')
-    lines.append(f'Training CE is the {results["train_ce_definition"]}.')
+    metric = ', '.join(f'`{m}`' for m in results.get('train_ce_metric') or []) or 'not logged'
+    lines.append(f'Training CE is the {results["train_ce_definition"]}, of the logged metric {metric}.')
     lines.append('Wall-clock fields of results.json (`' + '`, `'.join(WALL_CLOCK_FIELDS) + '`) change between '
                  'identical runs; everything else is reproducible.')
     tasks = sorted((results['dense'].get('eval') or {}).get('tasks') or {})
@@ -54,3 +58,20 @@ def study_notes(results: Mapping[str, Any], study) -> str:
                      ('**The machine was busy before the study started: its times are pessimistic.**' if busy else
                       'The machine was idle at the start.'))
     return '\n\n'.join(lines) + '\n'
+
+
+def plan_lines(p, cfg) -> list[str]:
+    """The plan, as the study prints it before training: sizes, FLOPs per token, token ratios, steps per budget."""
+    from foundry_upcycle.study import arms
+    base = arms.BASELINE
+    lines = [f'plan: dense {p.params[base][0]:,} params, training FLOPs per token {p.flops[base]:.3g}; '
+             + '; '.join(f'{arms.short(a)} {p.params[a][0]:,} total / {p.params[a][1]:,} active params, '
+                         f'{p.flops[a]:.3g} FLOPs per token, token ratio at matched FLOPs '
+                         f'{p.flops[base] / p.flops[a]:.3f}' for a in p.arms if a != base)]
+    if p.pretrain_steps:
+        lines.append(f'  dense base: {p.pretrain_steps} steps, {p.pretrain_tokens:,} tokens = '
+                     f'{p.pretrain_tokens / p.params[base][0]:.1f} tokens per parameter')
+    for b in cfg.budgets:
+        lines.append(f'  budget {b:g}: ' + ', '.join(f'{arms.short(a)} {p.steps[(a, b)]} steps' for a in p.arms) +
+                     f' ({p.tokens_per_step:,} tokens per step), {cfg.seeds_at(b)} seed(s)')
+    return lines

@@ -27,7 +27,7 @@ from foundry_upcycle.study.plan import StudyPlan, make_plan, timing_models
 from foundry_upcycle.study.recipes import RunBuilder, run_lr, warmup
 from foundry_upcycle.study.notes import study_notes
 from foundry_upcycle.study.results import WALL_CLOCK_FIELDS, build_results, write_json
-from foundry_upcycle.study.stages import Progress, StageResult, Stages, config_hash
+from foundry_upcycle.study.stages import Progress, StageResult, Stages, code_salt, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class Study:
         self.cfg = cfg
         self.out = Path(cfg.out).expanduser().absolute()
         self.progress = Progress(cfg.progress)
-        self.stages = Stages(self.out, self.progress)
+        recipes = {k: cfg.recipe_path(k) for k in (('pretrain',) if cfg.pretrains else ()) + ('cpt', 'upcycle')}
+        self.stages = Stages(self.out, self.progress, code_salt(recipes))
         self.nproc = cfg.nproc
         self.data = None          # DataArtifacts (tiny scale); None at paper scale (cfg.mds_dir)
         self.data_hash = ''
@@ -85,7 +86,7 @@ class Study:
         self.progress.stage(f'data: your MDS data in {cfg.mds_dir}')
         fp = {}
         for root in (cfg.mds_dir, cfg.generic_mds_dir):
-            for split in (('train', 'val') if root else ()):
+            for split in (('train', 'val', 'test') if root else ()):
                 index = Path(root) / split / 'index.json'
                 if index.is_file():
                     fp[f'{"generic" if root == cfg.generic_mds_dir else "domain"}/{split}'] = hashlib.sha256(
@@ -169,10 +170,12 @@ class Study:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
         return max(1, min(8, cores // (self.cfg.threads or cores)))
 
-    def train_arms(self, keys: list[tuple[str, float, int, float]], dense: StageResult, icl: bool) -> None:
+    def train_arms(self, keys: list[tuple[str, float, int, float]], dense: StageResult,
+                   icl: bool | dict[tuple[str, float, int, float], bool]) -> None:
         """Trains the unfinished phase-2 runs among `keys` (arm, budget, seed index, lr) in worker processes, `jobs()`
-        at a time (study/workers.py), each followed by its evaluation (with the gauntlet if `icl`); the stage_arm
-        and stage_eval calls that follow find them done. Nothing to do with one job."""
+        at a time (study/workers.py), each followed by its evaluation (with the gauntlet if `icl`, or `icl[key]`);
+        the stage_arm and stage_eval calls that follow find them done. Nothing to do with one job."""
+        icl_of = icl if isinstance(icl, dict) else {k: icl for k in keys}
         jobs = self.jobs()
         todo = [k for k in keys if not self.stages.done(*self._arm_stage(k[0], k[1], dense, k[2], k[3])[:2])]
         if jobs <= 1 or len(todo) < 2:
@@ -185,18 +188,26 @@ class Study:
         def done(key: tuple[str, float, int, float], seconds: float) -> None:
             arm, budget, seed_index, lr = key
             name = run_name(arm, budget, lr, seed_index)
-            self.stages.ran_in_workers.update({f'arms/{name}', f'{"eval" if icl else "eval-ce"}/{name}'})
+            self.stages.ran_in_workers.update({f'arms/{name}', f'{"eval" if icl_of[key] else "eval-ce"}/{name}'})
             self.progress.say(f'  {arms.short(arm)} @ budget {budget:g}, seed {seed_index}: '
                               f'done in {seconds:.0f}s')
-        train_in_workers(type(self), self.cfg, todo, min(jobs, len(todo)), icl, done)
+        train_in_workers(type(self), self.cfg, todo, min(jobs, len(todo)), icl_of, done)
+
+    def _eval_sets(self, icl: bool) -> dict[str, str]:
+        """The held-out splits an evaluation reads: all of them with the gauntlet (a main run), else only the
+        domain's validation split (an lr sweep run)."""
+        sets = self._data_paths()['eval']
+        return sets if icl else {'domain_val': sets['domain_val']}
 
     def _eval_session(self, icl: bool = True):
         if icl not in self._sessions:
             from foundry_upcycle.study.evaluate import EvalSession
-            dp = self._data_paths()
-            self._sessions[icl] = EvalSession(dp['tokenizer'], dp['val'], self._gauntlet_spec() if icl else None,
-                                              self.plan.seq_len, self.cfg.eval.batch_size,
-                                              self.out / ('.eval-work' if icl else '.eval-work-ce'), self.cfg.progress)
+            info = self.runs.eval_sets()
+            sets = self._eval_sets(icl)
+            self._sessions[icl] = EvalSession(
+                self._data_paths()['tokenizer'], sets, self._gauntlet_spec() if icl else None, self.plan.seq_len,
+                self.cfg.eval.batch_size, self.out / ('.eval-work' if icl else '.eval-work-ce'), self.cfg.progress,
+                doc_tokens={k: info[k]['doc_tokens'] for k in sets if info[k]['doc_tokens']})
         return self._sessions[icl]
 
     def _gauntlet_spec(self):
@@ -211,7 +222,7 @@ class Study:
     def stage_eval(self, name: str, model_stage: StageResult, icl: bool = True) -> StageResult:
         e = self.cfg.eval
         inputs = {'model': model_stage.hash, 'data': self.data_hash, 'seq_len': self.plan.seq_len,
-                  'batch_size': e.batch_size}
+                  'batch_size': e.batch_size, 'sets': sorted(self._eval_sets(icl))}
         if icl:
             inputs.update(local_data=e.local_data_id(), tasks=e.tasks, max_examples_per_task=e.max_examples_per_task,
                           seed=e.seed)
@@ -276,7 +287,8 @@ class Study:
     def _count_stages(self) -> int:
         cfg = self.cfg
         runs = sum(cfg.seeds_at(b) for b in cfg.budgets) * len(cfg.arms)
-        sweep = 2 * len(cfg.arms) * len(cfg.lr_sweep)
+        sweep = 2 * len(cfg.arms) * (len(cfg.lr_grid) + ({'both': 3, 'up': 2}.get(cfg.lr_check, 0) if cfg.lr_grid
+                                                         else 0))
         return 2 + 2 * runs + 1 + sweep + int(cfg.timing) + 1 + (0 if cfg.inference.skip else 2) + 1
 
     def _run(self) -> dict[str, Any]:
@@ -291,17 +303,8 @@ class Study:
         self.plan = self.make_plan()
         self._say_plan(self.plan)
         dense = self.stage_dense()
-        from foundry_upcycle.study.lr_select import lr_sweep
-        sweep = lr_sweep(self, dense) if cfg.lr_sweep else None
-        lrs = sweep['chosen'] if sweep else dict(self.plan.lrs)
-        self.progress.say('phase-2 lrs: ' + ', '.join(f'{arms.short(a)} {lrs[a]:g}' for a in cfg.arms) +
-                          f' ({"chosen by the sweep" if sweep else "the recipes / flags"})')
-        keys = [(arm, b, i, lrs[arm]) for b in cfg.budgets for i in range(cfg.seeds_at(b)) for arm in cfg.arms]
-        self.train_arms(keys, dense, icl=True)
-        runs = {(arm, b, i): self.stage_arm(arm, b, dense, i, lrs[arm])
-                for b in cfg.budgets for i in range(cfg.seeds_at(b)) for arm in cfg.arms}
+        lrs, sweep, runs, evals = self._phase2(dense)
         dense_eval = self.stage_eval('dense', dense)
-        evals = {key: self.stage_eval(run_name(key[0], key[1], lrs[key[0]], key[2]), st) for key, st in runs.items()}
         timing = self.stage_timing(dense) if cfg.timing else None
         self._all_stage_results = [dense, *runs.values(), dense_eval, *evals.values()] + ([timing] if timing else [])
         results = build_results(self, dense, dense_eval, runs, evals, lrs, sweep, timing)
@@ -318,7 +321,9 @@ class Study:
         write_json(results_path, results)
         sections = []
         if inference is not None:
-            sections.append(self.stage_cost(results_path, inference))
+            from foundry_upcycle.study.inference import cost_section
+            self.progress.stage('cost: training + inference compute')
+            sections.append(cost_section(results_path, inference, self.out / 'cost'))
         sections.append(study_notes(results, self))
         self.progress.stage('report: report.md and plots')
         from foundry_upcycle.study.report import write_report
@@ -326,35 +331,28 @@ class Study:
         self._summary(results, report)
         return results
 
-    def _say_plan(self, p: StudyPlan) -> None:
-        base, cfg = arms.BASELINE, self.cfg
-        self.progress.say(f'plan: dense {p.params[base][0]:,} params, training FLOPs per token {p.flops[base]:.3g}; '
-                          + '; '.join(f'{arms.short(a)} {p.params[a][0]:,} total / {p.params[a][1]:,} active params, '
-                                      f'{p.flops[a]:.3g} FLOPs per token, token ratio at matched FLOPs '
-                                      f'{p.flops[base] / p.flops[a]:.3f}' for a in p.arms if a != base))
-        if p.pretrain_steps:
-            self.progress.say(f'  dense base: {p.pretrain_steps} steps, {p.pretrain_tokens:,} tokens = '
-                              f'{p.pretrain_tokens / p.params[base][0]:.1f} tokens per parameter')
-        for b in cfg.budgets:
-            self.progress.say(f'  budget {b:g}: ' + ', '.join(f'{arms.short(a)} {p.steps[(a, b)]} steps'
-                                                               for a in p.arms) +
-                              f' ({p.tokens_per_step:,} tokens per step), {cfg.seeds_at(b)} seed(s)')
+    def _phase2(self, dense: StageResult) -> tuple[dict[str, float], Optional[dict[str, Any]], dict, dict]:
+        """lr choice on validation (study/lr_select.py), then every arm x budget x seed, trained (with the lr check
+        at the largest budget) and evaluated: (lrs, sweep, runs, evals), runs and evals keyed (arm, budget, i)."""
+        from foundry_upcycle.study.lr_select import check_at_top, check_keys, select_lrs
+        cfg = self.cfg
+        sweep = select_lrs(self, dense) if cfg.lr_grid else None
+        lrs = sweep['chosen'] if sweep else dict(self.plan.lrs)
+        self.progress.say('phase-2 lrs: ' + ', '.join(f'{arms.short(a)} {lrs[a]:g}' for a in cfg.arms) +
+                          f' ({"chosen on the validation split" if sweep else "the recipes / flags"})')
+        keys = [(arm, b, i, lrs[arm]) for b in cfg.budgets for i in range(cfg.seeds_at(b)) for arm in cfg.arms]
+        extra = check_keys(self, sweep) if sweep else []
+        self.train_arms(keys + extra, dense, icl={**{k: True for k in keys}, **{k: False for k in extra}})
+        runs = {k[:3]: self.stage_arm(*k[:2], dense, k[2], k[3]) for k in keys}
+        evals = {k[:3]: self.stage_eval(run_name(*k[:2], k[3], k[2]), runs[k[:3]]) for k in keys}
+        if sweep:
+            sweep['check'] = check_at_top(self, sweep, dense)
+        return lrs, sweep, runs, evals
 
-    def stage_cost(self, results_path: Path, inference: StageResult) -> str:
-        """Runs the cost report; returns its markdown section (or a note why there is none)."""
-        from foundry_upcycle.bench.cost import cost_report, render_cost_section
-        self.progress.stage('cost: training + inference compute')
-        inference_json = inference.dir / inference.outputs['inference_json']
-        try:
-            cost = cost_report(str(results_path), str(inference_json), str(self.out / 'cost'))
-        except ValueError as e:
-            log.warning('cost report not written: %s', e)
-            return f'## Inference cost\n\nThe cost report could not be computed: {e}\n'
-        text = render_cost_section(cost)
-        figures = [f'![Latency vs throughput](inference/{inference.outputs["figure"]})',
-                   '![Break-even](cost/cost_breakeven.png)']
-        return (text.rstrip('\n') + '\n\n' + '\n\n'.join(figures) + '\n\nMeasured throughput table: '
-                '[inference/max_throughput.md](inference/max_throughput.md); cost details: cost/cost.json.\n')
+    def _say_plan(self, p: StudyPlan) -> None:
+        from foundry_upcycle.study.notes import plan_lines
+        for line in plan_lines(p, self.cfg):
+            self.progress.say(line)
 
     def _summary(self, results: dict[str, Any], report: Path) -> None:
         from foundry_upcycle.study.report import ce_winner

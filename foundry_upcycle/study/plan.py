@@ -88,6 +88,15 @@ def make_plan(builder: RunBuilder, pretrain_steps_of) -> StudyPlan:
             i = 0 if a == arms.BASELINE else 1
             steps[(a, b)] = matched_steps(dense_model, models[a], b, pretrain_tokens, seq, tokens_per_step)[i]
             targets[(a, b)] = matched_tokens(dense_model, models[a], b, pretrain_tokens, seq)[i]
-    lrs = {a: (cfg.upcycle_lr or run_lr(run)) if arms.get(a).is_moe else run_lr(run) for a, run in resolved.items()}
+    lrs = {a: _lr(cfg, run, arms.get(a).is_moe) for a, run in resolved.items()}
     return StudyPlan(tuple(cfg.arms), seq, tokens_per_step, pretrain_steps, pretrain_tokens, pretrain_lr, dense_model,
                      models, blocks, flops, params, steps, targets, lrs)
+
+
+def _lr(cfg, run: dict[str, Any], moe: bool) -> float:
+    """An arm's lr before any sweep: --upcycle-lr, else the recipe's upcycle.lr, for an upcycled arm; --lr, else
+    the recipe's optimizer lr, otherwise."""
+    block_lr = (run.get('upcycle') or {}).get('lr')
+    if moe and (cfg.upcycle_lr or block_lr is not None):
+        return float(cfg.upcycle_lr or block_lr)
+    return float(cfg.lr or run_lr(run))

@@ -98,16 +98,31 @@ class RunBuilder:
         self.cfg, self.data, self.nproc = cfg, data, nproc     # data: DataArtifacts (tiny) or None
 
     def data_paths(self) -> dict[str, Any]:
+        """tokenizer, train (domain MDS root), pretrain (generic MDS root, tiny), and `eval`: name -> the held-out
+        MDS split each metric reads (ce_<name>): the test splits, and the domain's validation split (lr choice)."""
         if self.cfg.scale == 'tiny':
             a = self.data
+            ev = {'domain': a.mds['domain'] / 'test', 'generic': a.mds['generic'] / 'test',
+                  'domain_val': a.mds['domain'] / 'val'}
             return {'tokenizer': str(a.tokenizer_dir), 'train': str(a.mds['domain']),
-                    'pretrain': str(a.mds['generic']),
-                    'val': {'generic': str(a.mds['generic'] / 'val'), 'domain': str(a.mds['domain'] / 'val')}}
-        val = {'domain': str(Path(self.cfg.mds_dir) / 'val')}
+                    'pretrain': str(a.mds['generic']), 'eval': {k: str(v) for k, v in ev.items()}}
+        ev = {'domain': _test_or_val(self.cfg.mds_dir), 'domain_val': str(Path(self.cfg.mds_dir) / 'val')}
         if self.cfg.generic_mds_dir:
-            val['generic'] = str(Path(self.cfg.generic_mds_dir) / 'val')
+            ev['generic'] = _test_or_val(self.cfg.generic_mds_dir)
         return {'tokenizer': str(Path(self.cfg.tokenizer).absolute()), 'train': str(Path(self.cfg.mds_dir).absolute()),
-                'val': val}
+                'eval': ev}
+
+    def eval_sets(self) -> dict[str, dict[str, Any]]:
+        """name -> {split, unit, doc_tokens (None: sequence blocks), clusters, documents} of each held-out set."""
+        out = {}
+        for name, path in self.data_paths()['eval'].items():
+            split = Path(path).name
+            docs = (self.data.documents.get(f'{name.split("_")[0]}/{split}') if self.data is not None else None)
+            out[name] = {'split': split, 'unit': 'document' if docs else 'sequence block',
+                         'doc_tokens': [d['tokens'] for d in docs] if docs else None,
+                         'clusters': [d['cluster'] for d in docs] if docs else None,
+                         'documents': len(docs) if docs else None}
+        return out
 
     def seq_len(self) -> Optional[int]:
         return self.cfg.max_seq_len or (self.cfg.data.max_seq_len if self.cfg.scale == 'tiny' else None)
@@ -138,13 +153,12 @@ class RunBuilder:
             if cfg.pretrain_lr:
                 variables['lr'] = cfg.pretrain_lr
         elif kind == 'cpt':
-            if lr is not None or cfg.lr:
-                variables['lr'] = lr if lr is not None else cfg.lr
+            if lr is not None:          # lr and, coupled to it, weight decay: the same rule as the upcycle block's
+                from foundry_upcycle.transforms import lr_settings
+                top['optimizer'] = lr_settings(self.recipe_optimizer(), lr)
         else:
-            if lr is not None or cfg.lr:
-                variables['lr'] = lr if lr is not None else cfg.lr
             block: dict[str, Any] = dict(arm.upcycle)
-            if lr is not None:
+            if lr is not None:          # the one place an upcycled run's lr is set (transforms rescales the decay)
                 block['lr'] = lr
             if seed_index:
                 base = cfg.upcycle.get('seed', self._recipe_block_seed())
@@ -168,6 +182,10 @@ class RunBuilder:
             variables['tokenizer_kwargs'] = {'model_max_length': seq} if seq else {}
         return RunSpec(kind, settings, {'variables': paths}, display)
 
+    def recipe_optimizer(self) -> dict[str, Any]:
+        """The CPT recipe's optimizer block as resolved (the lr and weight decay every phase-2 lr is scaled from)."""
+        return dict(self.resolve(self.spec(arms.BASELINE, 1, 'plan', '<dense>'), placeholders=True)['optimizer'])
+
     def _recipe_block_seed(self) -> int:
         from omegaconf import OmegaConf as om
         raw = om.to_container(om.load(self.cfg.recipe_path('upcycle')), resolve=False)
@@ -183,3 +201,9 @@ class RunBuilder:
         else:
             run.pop('loggers', None)
         return run
+
+
+def _test_or_val(root: str) -> str:
+    """A user's MDS folder: its test/ split, else val/ (then the report says that it also chose the lrs)."""
+    test = Path(root) / 'test'
+    return str((test if (test / 'index.json').is_file() else Path(root) / 'val').absolute())

@@ -9,7 +9,6 @@ measured time; everything else is a function of the config and seeds (two runs c
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -20,18 +19,22 @@ from foundry_upcycle.study.regime import regime
 from foundry_upcycle.study.training import MIN_TAIL_STEPS, TAIL_FRACTION
 from foundry_upcycle.study.verdicts import comparisons
 
-SCHEMA = 3                 # 3: comparisons per arm ({arm: {budget: {metric: ...}}}); arms named in config.arms
+SCHEMA = 3                 # 3: comparisons per arm ({arm: {budget: {metric: ...}}}) by the paired test; test splits
 #                            (and comparisons_vs_paper: each variant against the paper's recipe, same shape)
-EVAL_METRICS = ('ce_generic', 'ce_domain', 'core_average')
+EVAL_METRICS = ('ce_generic', 'ce_domain', 'ce_domain_val', 'core_average')
+HELDOUT_REPORTED = ('domain', 'generic')       # the test splits whose per-document losses each seed keeps
 WALL_CLOCK_FIELDS = ('wall_clock', 'timing', 'arms[].tokens_per_s', 'arms[].step_time_s', 'arms[].train_seconds',
                      'arms[].per_seed[].tokens_per_s', 'arms[].per_seed[].step_time_s',
                      'arms[].per_seed[].train_seconds')
 
 
-def _eval_entry(res: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ('ce_generic', 'ce_domain', 'core_average', 'core_average_foundry', 'tasks', 'icl_examples',
-            'categories_without_tasks', 'categories_dropped_by_foundry')
-    return {k: res.get(k) for k in keys if k in res}
+def _eval_entry(res: Mapping[str, Any], units: bool = True) -> dict[str, Any]:
+    keys = ('ce_generic', 'ce_domain', 'ce_domain_val', 'core_average', 'core_average_foundry', 'tasks',
+            'icl_examples', 'categories_without_tasks', 'categories_dropped_by_foundry')
+    out = {k: res.get(k) for k in keys if k in res}
+    if units and res.get('heldout'):
+        out['heldout'] = {k: v for k, v in res['heldout'].items() if k in HELDOUT_REPORTED}
+    return out
 
 
 def _binomial_se(ev: Mapping[str, Any]) -> Optional[float]:
@@ -43,7 +46,7 @@ def _binomial_se(ev: Mapping[str, Any]) -> Optional[float]:
 
 def _mean_eval(evals: list[Mapping[str, Any]]) -> tuple[dict, dict, dict]:
     """(mean, std, sem) per metric over seeds; per-task scores are averaged too."""
-    mean, std, sem = dict(evals[0]), {}, {}
+    mean, std, sem = {k: v for k, v in evals[0].items() if k != 'heldout'}, {}, {}
     for key in EVAL_METRICS:
         s = stats.summary([e.get(key) for e in evals if e.get(key) is not None])
         if s['n']:
@@ -58,7 +61,7 @@ def _seed_entry(out: Mapping[str, Any], ev: Mapping[str, Any]) -> dict[str, Any]
     entry = {'seed': out.get('seed'), 'router_seed': out.get('router_seed'), 'eval': ev,
              'core_average_binomial_se': _binomial_se(ev),
              'train_ce_final': out.get('train_ce_final'), 'train_ce_window': out.get('train_ce_window'),
-             'tokens_per_s': out.get('tokens_per_s'), 'step_time_s': out.get('step_time_s'),
+             'train_ce_metric': out.get('train_ce_metric'), 'tokens_per_s': out.get('tokens_per_s'), 'step_time_s': out.get('step_time_s'),
              'train_seconds': out.get('train_seconds'), 'loss_curve': out.get('loss_curve')}
     if 'lbl_final' in out:
         entry['lbl_final'] = out['lbl_final']
@@ -78,7 +81,6 @@ def arm_entry(study, arm: str, budget: float, seeds: list, lr: float) -> dict[st
     first = seeds[0][0].outputs
     mean, std, sem = _mean_eval([s['eval'] for s in per_seed])
     total, active = plan.params[arm]
-    binom = [s['core_average_binomial_se'] for s in per_seed if s['core_average_binomial_se'] is not None]
     train_ce = stats.summary([s['train_ce_final'] for s in per_seed])
     from foundry_upcycle.study.recipes import warmup
     out = {
@@ -88,10 +90,11 @@ def arm_entry(study, arm: str, budget: float, seeds: list, lr: float) -> dict[st
         'train_flops': first['tokens'] * plan.flops[arm], 'flops_per_token': plan.flops[arm],
         'total_params': total, 'active_params': active,
         'train_ce_final': train_ce['mean'], 'train_ce_final_std': train_ce['std'],
-        'train_ce_window': first['train_ce_window'],
+        'train_ce_window': first['train_ce_window'], 'train_ce_metric': first.get('train_ce_metric'),
+        'domain_epochs': (first['tokens'] / study.data.tokens['domain/train']) if study.data is not None else None,
         'eval': mean, 'eval_std': std, 'eval_sem': sem,
-        # the core average's noise from the finite eval sets alone (binomial), for the mean over seeds
-        'core_average_binomial_se': (math.sqrt(sum(b * b for b in binom)) / len(binom)) if binom else None,
+        # the core average's noise from the finite ICL sets alone (binomial; the same examples for every seed)
+        'core_average_binomial_se': _binomial_se(mean),
         'tokens_per_s': _mean(s['tokens_per_s'] for s in per_seed),
         'step_time_s': _mean(s['step_time_s'] for s in per_seed),
         'train_seconds': _mean(s['train_seconds'] for s in per_seed),
@@ -123,31 +126,35 @@ def build_results(study, dense, dense_eval, runs: Mapping, evals: Mapping, lrs: 
         'params': dense_total, 'flops_per_token': plan.flops[base], 'pretrain_tokens': plan.pretrain_tokens,
         'pretrain_flops': plan.pretrain_tokens * plan.flops[base], 'pretrain_steps': dense.outputs['steps'],
         'pretrain_lr': plan.pretrain_lr, 'train_ce_final': dense.outputs.get('train_ce_final'),
-        'eval': _eval_entry(dense_eval.outputs),
+        'eval': _eval_entry(dense_eval.outputs, units=False),
     }
     dense_entry['core_average_binomial_se'] = _binomial_se(dense_entry['eval'])
     vocab = study.data.vocab_size if study.data is not None else plan.dense_model.get('vocab_size')
     missing, not_selected = _task_coverage(cfg, dense_eval.outputs)
     wall = {s.name: s.seconds for s in study._all_stage_results}
     wall['data'] = study.data_seconds
+    sets = {k: {f: v[f] for f in ('split', 'unit', 'documents', 'clusters')} for k, v in study.runs.eval_sets().items()}
+    train_ce = sorted({s.get('train_ce_metric') for a in entries for s in a['per_seed'] if s.get('train_ce_metric')})
     return {
         'schema': SCHEMA,
         'config': config,
         'budgets': list(cfg.budgets),
         'token_ratio': plan.token_ratio,
         'router_weights': plan.upcycle_block.get('router_weights', 'renormalized'),
-        'lr': {**{a: lrs[a] for a in cfg.arms}, 'source': 'sweep' if sweep else 'recipes / flags',
+        'lr': {**{a: lrs[a] for a in cfg.arms}, 'source': 'sweep on validation' if sweep else 'recipes / flags',
                'sweep': sweep},
         'train_ce_definition': f'mean training CE over the last {TAIL_FRACTION:.0%} of a run\'s steps '
                                f'(at least {MIN_TAIL_STEPS}; all steps of a shorter run)',
+        'train_ce_metric': train_ce,
+        'eval_sets': sets,
         'data': _data_fingerprint(study),
         'missing_eval_tasks': missing,
         'not_selected_eval_tasks': not_selected,
         'dense': dense_entry,
         'arms': entries,
-        'comparisons': comparisons(entries, list(cfg.budgets), cfg.arms),
+        'comparisons': comparisons(entries, list(cfg.budgets), cfg.arms, sets),
         'comparisons_vs_paper': comparisons(entries, list(cfg.budgets),
-                                            tuple(a for a in cfg.arms if a != arm_registry.BASELINE),
+                                            tuple(a for a in cfg.arms if a != arm_registry.BASELINE), sets,
                                             base=arm_registry.PRIMARY),
         'regime': regime(dense_entry, entries, vocab, plan.pretrain_lr, lrs),
         'timing': dict(timing.outputs) if timing is not None else None,

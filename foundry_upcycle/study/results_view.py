@@ -56,17 +56,25 @@ def arm_names(results: Mapping[str, Any]) -> list[str]:
     return sorted(names, key=lambda n: n != arm_registry.BASELINE)
 
 
-def two_se(entry: Optional[Mapping[str, Any]], metric: str) -> Optional[float]:
-    """2 x the standard error of an arm's mean (for error bars), or None."""
+def ci_half(entry: Optional[Mapping[str, Any]], metric: str) -> Optional[float]:
+    """Half-width of the 95% interval of an arm's mean: seeds at Student t (n - 1 df), and for the core average
+    the ICL examples' binomial noise too (stats.gap_test's rule). None without a noise estimate."""
+    from foundry_upcycle.study import stats
     if not entry:
         return None
-    if metric == 'core_average':
-        b = num(entry.get('core_average_binomial_se'))
-        s = num((entry.get('eval_sem') or {}).get(metric)) or 0.0
-        return None if b is None else 2 * math.sqrt(b * b + s * s)
-    s = num((entry.get('eval_sem') or {}).get(metric))
-    return None if s is None else 2 * s
+    n = entry.get('n_seeds') or 1
+    sem = num((entry.get('eval_sem') or {}).get(metric))
+    var_eval = num(entry.get('core_average_binomial_se')) ** 2 if (
+        metric == 'core_average' and num(entry.get('core_average_binomial_se')) is not None) else 0.0
+    if sem is None or n < 2:
+        return None
+    return stats.gap_test(0.0, sem * sem, n - 1, var_eval, math.inf)['ci'][1]
 
+
+def above_chance(entry: Optional[Mapping[str, Any]]) -> bool:
+    """The arm's core average is significantly above chance (0): its 95% interval lies above 0."""
+    mean, half = eval_value(entry, 'core_average'), ci_half(entry, 'core_average')
+    return mean is not None and half is not None and mean - half > 0
 
 
 def flop_ratio(results: Mapping[str, Any]) -> Optional[float]:

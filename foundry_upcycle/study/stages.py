@@ -1,5 +1,8 @@
 """Resumable stages: stage `name` lives in `<out>/<name>/` with a `stage.json` holding a hash of its inputs.
 
+Every hash also holds the `salt` the study passes in: this package's version and the bytes of the recipe files it
+trains with, so an upgrade or an edited recipe (even a comment) is never mistaken for a finished stage.
+
 A finished stage whose hash matches is skipped; a changed one is redone, and so is everything downstream, whose
 hashes include it. A stage builds in `<out>/.<name>.partial-<hash>/` and is renamed into place when done; a killed
 training stage resumes from its own checkpoints (the recipes set `autoresume: true`), any other stage starts over.
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-STUDY_FORMAT = 2                 # bump when a stage's outputs change meaning
+STUDY_FORMAT = 3                 # bump when a stage's outputs change meaning
 
 
 class Progress:
@@ -56,8 +59,8 @@ class StageResult:
 class Stages:
     """Runs `fn(work_dir) -> outputs` for a stage unless `<out>/<name>/stage.json` holds the same input hash."""
 
-    def __init__(self, out: Path, progress: Progress):
-        self.out, self.progress = out, progress
+    def __init__(self, out: Path, progress: Progress, salt: Optional[Mapping[str, Any]] = None):
+        self.out, self.progress, self.salt = out, progress, dict(salt or {})
         self.ran: list[str] = []
         self.skipped: list[str] = []
         self.ran_in_workers: set[str] = set()    # stages a worker process ran (study/workers.py)
@@ -71,7 +74,7 @@ class Stages:
 
     def done(self, name: str, inputs: Mapping[str, Any]) -> bool:
         """Stage `name` is finished with these inputs (run() would skip it)."""
-        return self._finished(name, _hash(name, inputs), self.read(name))
+        return self._finished(name, _hash(name, inputs, self.salt), self.read(name))
 
     def _finished(self, name: str, h: str, meta: Optional[dict[str, Any]]) -> bool:
         return meta is not None and meta.get('hash') == h and _outputs_present(self.out / name, meta['outputs'])
@@ -80,7 +83,7 @@ class Stages:
             resumable: bool = False) -> StageResult:
         """resumable: a killed run's work folder is kept and `fn` resumes in it (foundry autoresume)."""
         final = self.out / name
-        h = _hash(name, inputs)
+        h = _hash(name, inputs, self.salt)
         meta = self.read(name)
         if self._finished(name, h, meta):
             seconds = meta.get('seconds', 0.0)
@@ -114,8 +117,19 @@ class Stages:
         return StageResult(name, h, final, outputs, seconds, ran=True)
 
 
-def _hash(name: str, inputs: Mapping[str, Any]) -> str:
-    return config_hash({'format': STUDY_FORMAT, 'stage': name, **inputs})
+def _hash(name: str, inputs: Mapping[str, Any], salt: Mapping[str, Any]) -> str:
+    return config_hash({'format': STUDY_FORMAT, 'stage': name, **inputs, **({'salt': dict(salt)} if salt else {})})
+
+
+def code_salt(recipe_files: Mapping[str, Path]) -> dict[str, Any]:
+    """The package's version and the sha256 of each recipe file (by kind): part of every stage's hash."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        package = version('foundry-upcycle')
+    except PackageNotFoundError:
+        package = 'unknown'
+    return {'package': package, 'recipes': {kind: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                                            for kind, p in recipe_files.items() if p.is_file()}}
 
 
 def _outputs_present(stage_dir: Path, outputs: Mapping[str, Any]) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 WARMUP_STEPS = 3
 ROUNDS = 6
@@ -86,34 +86,51 @@ def measure_step_times(models: Mapping[str, Mapping[str, Any]], tokenizer_dir: s
             model = _build(cfg, tok)
             steps[arm] = _step_fn(model, batch_size, seq_len, int(cfg['vocab_size']), seed=0)
         load_before = load_average()
-        for arm in steps:
-            for _ in range(warmup):
-                steps[arm]()
-        times: dict[str, list[float]] = {arm: [] for arm in steps}
-        cpu: dict[str, list[float]] = {arm: [] for arm in steps}
-        for _ in range(rounds):
-            for arm in steps:
-                for _ in range(steps_per_round):
-                    wall, c = steps[arm]()
-                    times[arm].append(wall)
-                    cpu[arm].append(c)
+        times, cpu = interleave(steps, warmup, rounds, steps_per_round)
         load_after = load_average()
         n_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(before_threads)
-    medians = {arm: statistics.median(t) for arm, t in times.items()}
-    cpu_medians = {arm: statistics.median(t) for arm, t in cpu.items()}
     cpus = os.cpu_count() or 1
-    share = sum(sum(c) for c in cpu.values()) / max(1e-9, sum(sum(t) for t in times.values()))
+    out = summarize(times, cpu)
     return {
-        'step_time_s': medians,
-        'ratio': medians['upcycle'] / medians['cpt'] if {'cpt', 'upcycle'} <= set(medians) else None,
-        'steps_s': {arm: [round(x, 5) for x in t] for arm, t in times.items()},
-        # CPU time of this process per step: with 1 thread, close to an idle machine's wall time even under load
-        'cpu_step_time_s': cpu_medians,
+        **out,
         'method': f'{warmup} warm-up steps each, then {rounds} interleaved rounds of {steps_per_round} steps per arm; '
                   f'median; batch {batch_size} x {seq_len} tokens, {n_threads} torch threads',
         'load_average_before': load_before, 'load_average_after': load_after, 'cpu_count': cpus,
-        'threads': n_threads, 'cpu_share': round(share, 3),
-        'loaded': is_loaded(load_before, load_after, cpus, n_threads, share),
+        'threads': n_threads, 'loaded': is_loaded(load_before, load_after, cpus, n_threads, out['cpu_share']),
+    }
+
+
+def interleave(steps: Mapping[str, Callable[[], tuple[float, float]]], warmup: int, rounds: int,
+               steps_per_round: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Runs each arm's `warmup` steps (not recorded), then `rounds` rounds of `steps_per_round` steps per arm, the
+    arms in turn (A A B B A A B B ...), so that slow drifts of the machine hit every arm alike. Each step returns
+    (wall seconds, CPU seconds); returns those of the recorded steps per arm."""
+    for arm in steps:
+        for _ in range(warmup):
+            steps[arm]()
+    times: dict[str, list[float]] = {arm: [] for arm in steps}
+    cpu: dict[str, list[float]] = {arm: [] for arm in steps}
+    for _ in range(rounds):
+        for arm in steps:
+            for _ in range(steps_per_round):
+                wall, c = steps[arm]()
+                times[arm].append(wall)
+                cpu[arm].append(c)
+    return times, cpu
+
+
+def summarize(times: Mapping[str, list[float]], cpu: Mapping[str, list[float]]) -> dict[str, Any]:
+    """Median step per arm, the upcycled / CPT ratio of the medians (and every other arm's against CPT), the raw
+    steps, and this process's share of a core while stepping."""
+    medians = {arm: statistics.median(t) for arm, t in times.items()}
+    return {
+        'step_time_s': medians,
+        'ratio': medians['upcycle'] / medians['cpt'] if {'cpt', 'upcycle'} <= set(medians) else None,
+        'ratios': {arm: m / medians['cpt'] for arm, m in medians.items() if arm != 'cpt' and 'cpt' in medians},
+        'steps_s': {arm: [round(x, 5) for x in t] for arm, t in times.items()},
+        # CPU time of this process per step: with 1 thread, close to an idle machine's wall time even under load
+        'cpu_step_time_s': {arm: statistics.median(t) for arm, t in cpu.items()},
+        'cpu_share': round(sum(sum(c) for c in cpu.values()) / max(1e-9, sum(sum(t) for t in times.values())), 3),
     }

@@ -8,7 +8,9 @@ then finds each stage done and reads its outputs.
 
 Streaming registers every dataset under a shared-memory prefix with a check-then-create that is not atomic across
 processes: two datasets created at the same moment in two processes can pick the same prefix and one dies with
-`FileExistsError: '/000123_locals'`. `serialize_streaming_prefix` puts a file lock around that registration.
+`FileExistsError: '/000123_locals'`. `serialize_streaming_prefix` puts a file lock around that registration, and,
+because processes that are not ours (another job on the machine) do not take the lock, retries a registration that
+lost the race: the retry sees the prefix taken and picks the next free one.
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ import logging
 import multiprocessing
 import os
 import tempfile
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 RunKey = tuple[str, float, int, float]          # (arm, budget, seed index, lr)
 _LOCK_PATH = os.path.join(tempfile.gettempdir(), 'foundry-upcycle-streaming-prefix.lock')
+RETRIES = 5
 _study = None                                    # the worker's Study (set by _init)
 _dense = None
 
@@ -39,7 +43,13 @@ def serialize_streaming_prefix() -> None:
         with open(_LOCK_PATH, 'a+') as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                return original(*args, **kwargs)
+                for attempt in range(RETRIES):
+                    try:
+                        return original(*args, **kwargs)
+                    except FileExistsError:      # a process outside the lock took the prefix between check and create
+                        if attempt == RETRIES - 1:
+                            raise
+                        time.sleep(0.05 * (attempt + 1))
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
     locked._foundry_upcycle_locked = True
@@ -75,16 +85,16 @@ def _train(key: RunKey, icl: bool) -> tuple[RunKey, float]:
     return key, stage.seconds
 
 
-def train_in_workers(study_cls: Callable[[Any], Any], cfg: Any, keys: Sequence[RunKey], jobs: int, icl: bool,
-                     done: Callable[[RunKey, float], None]) -> None:
+def train_in_workers(study_cls: Callable[[Any], Any], cfg: Any, keys: Sequence[RunKey], jobs: int,
+                     icl: Mapping[RunKey, bool], done: Callable[[RunKey, float], None]) -> None:
     """Trains `keys` in `jobs` worker processes (spawned: no state shared with this one; cfg.threads torch threads
     and a `study_cls(cfg)` each: the Study class, pickled by reference, so this module never imports the pipeline),
-    each run followed by its evaluation as the main process would run it (with the gauntlet if `icl`);
+    each run followed by its evaluation as the main process would run it (with the gauntlet if `icl[key]`);
     `done(key, seconds)` after each. The first failure cancels the queued runs and is raised here."""
     ctx = multiprocessing.get_context('spawn')
     quiet = cfg.replace(progress=False)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init, initargs=(study_cls, quiet)) as pool:
-        pending: set[Future] = {pool.submit(_train, key, icl) for key in keys}
+        pending: set[Future] = {pool.submit(_train, key, icl[key]) for key in keys}
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
