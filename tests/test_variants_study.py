@@ -59,11 +59,15 @@ def _with_variant(results: dict, name: str, shift: float) -> dict:
             v['eval']['ce_domain'] += shift
             for s in v['per_seed']:
                 s['eval']['ce_domain'] += shift
+                units = s['eval']['heldout']['domain']['units']         # per document: [nll sum, tokens]
+                s['eval']['heldout']['domain']['units'] = [[nll + shift * t, t] for nll, t in units]
             out['arms'].append(v)
+    out['lr'][name] = out['lr']['upcycle']                          # a real study chooses every arm's lr
     names = ('cpt', 'upcycle', name)
     out['config']['arms'] = list(names)
-    out['comparisons'] = comparisons(out['arms'], out['budgets'], names)
-    out['comparisons_vs_paper'] = comparisons(out['arms'], out['budgets'], names[1:], base='upcycle')
+    sets = out.get('eval_sets')
+    out['comparisons'] = comparisons(out['arms'], out['budgets'], names, sets)
+    out['comparisons_vs_paper'] = comparisons(out['arms'], out['budgets'], names[1:], sets, base='upcycle')
     return out
 
 
@@ -74,7 +78,7 @@ def test_report_tables_each_variant_against_cpt_and_the_paper(tmp_path):
     assert c['baseline'] == 'upcycle' and math.isclose(c['gap'], -0.05, abs_tol=1e-9) and c['winner'] == 'drop0.5'
     text = R.write_report(results, tmp_path).read_text()
     assert "## Upcycling variants: each against CPT and against the paper's recipe" in text
-    lo, hi = c['gap'] - 2 * c['se'], c['gap'] + 2 * c['se']
+    lo, hi = c['ci']
     row = next(line for line in text.splitlines() if line.startswith('| 1 | Drop-Upcycling r=0.5 |'))
     assert f'{c["gap"]:+.4f} [{lo:+.4f}, {hi:+.4f}] drop0.5 ahead' in row
     assert '| 1 | upcycled (MoE) |' in text and '(reference)' in text

@@ -16,7 +16,8 @@ def _comparison(results: Mapping[str, Any], key: str, arm: str, budget: float, m
 
 
 def interval(c: Optional[Mapping[str, Any]], spec: str) -> str:
-    """'gap [lo, hi] verdict' of one comparison: the test's own interval when it reports one (`ci`), else gap ± 2 SE."""
+    """'gap [lo, hi] verdict' of one comparison: the test's own interval (`ci`, the paired test's 95% interval), else
+    (results from before the paired test) gap ± 2 SE."""
     if not c or num(c.get('gap')) is None:
         return 'n/a'
     gap = c['gap']
@@ -27,7 +28,7 @@ def interval(c: Optional[Mapping[str, Any]], spec: str) -> str:
     else:
         return f'{gap:+{spec}} (no noise estimate)'
     winner = c.get('winner')
-    verdict = 'tie' if winner == 'within noise' else 'n/a' if winner in (None, 'n/a') else \
+    verdict = 'tie' if winner in ('tie', 'within noise') else 'n/a' if winner in (None, 'n/a') else \
         f'{arm_registry.short(winner)} ahead'
     return f'{gap:+{spec}} [{lo:+{spec}}, {hi:+{spec}}] {verdict}'
 
@@ -62,10 +63,11 @@ def variant_lines(results: Mapping[str, Any], router_figures: bool = False) -> l
     if not names:
         return []
     cpt = {b: find_arm(results, arm_registry.BASELINE, b) for b in budgets_of(results)}
-    lines = ['Each variant is the paper\'s recipe plus one `upcycle:` key, trained at the same matched FLOPs, seeds '
-             'and lr rule. Gap = variant - reference (CE: negative is better; core average: positive is better), '
-             'with its interval; "ahead" only where the interval excludes 0 (see the verdict sections for the test).',
-             '']
+    lines = ['Each variant is the paper\'s recipe plus one `upcycle:` key, trained at the same matched FLOPs and '
+             'seeds, its lr chosen by the same rule. Gap = variant - reference (CE: negative is better; core average: '
+             'positive is better) with its 95% interval from the study\'s paired test (seeds paired; the held-out '
+             'set\'s own noise included, see the verdict sections); "ahead" only where the interval excludes 0, '
+             'otherwise a tie.', '']
     for metric, title, spec in METRICS:
         rows = []
         for b in budgets_of(results):
