@@ -97,14 +97,14 @@ def test_hf_checkpointer_saves_a_mixtral_that_generates(arms, dense_dir):
     assert gen.shape == (1, 14)
 
 
-def test_fresh_upcycle_generates_the_dense_greedy_tokens(dense_dir, corpus, tmp_path):
-    """The model the loader fills (before any training) generates the dense model's greedy tokens."""
+def check_fresh_generation(dense_dir: Path, corpus, tmp_path: Path, prompt: torch.Tensor, recipe=None) -> None:
+    """The model the loader fills (before any training) has the dense logits and generates its greedy tokens."""
     from composer import Trainer
     from llmfoundry.utils.builders import build_composer_model, build_tokenizer
     from omegaconf import OmegaConf as om
     from transformers import AutoModelForCausalLM
     from foundry_upcycle.callbacks import UpcycleLoader
-    cfg = apply_upcycle_block(om.to_container(om.create(hf_recipe('upcycle', dense_dir, corpus, tmp_path)),
+    cfg = apply_upcycle_block(om.to_container(om.create((recipe or hf_recipe)('upcycle', dense_dir, corpus, tmp_path)),
                                               resolve=True))
     model_cfg = copy.deepcopy(cfg['model'])
     tokenizer = build_tokenizer(str(dense_dir), {})
@@ -112,13 +112,17 @@ def test_fresh_upcycle_generates_the_dense_greedy_tokens(dense_dir, corpus, tmp_
     loader = UpcycleLoader(**cfg['callbacks']['upcycle_loader'])
     Trainer(model=model, callbacks=[loader], device='cpu', progress_bar=False, log_to_console=False).close()
     assert loader.report['action'] == 'upcycled'
-    dense = AutoModelForCausalLM.from_pretrained(str(dense_dir)).eval()
-    x = torch.randint(3, 258, (2, 10), generator=torch.Generator().manual_seed(3))
-    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False)
+    dense = AutoModelForCausalLM.from_pretrained(str(dense_dir), torch_dtype=torch.float32).eval()
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
     with torch.no_grad():
-        want, got = dense.generate(x, **kw), model.model.eval().generate(x, **kw)
-        assert (dense(x).logits - model.model(x).logits).abs().max() < 1e-4
-    assert torch.equal(want, got)
+        want, got = dense.generate(prompt, **kw), model.model.eval().generate(prompt, **kw)
+        assert (dense(prompt).logits - model.model(prompt).logits).abs().max() < 1e-4
+    assert torch.equal(want, got), (want, got)
+
+
+def test_fresh_upcycle_generates_the_dense_greedy_tokens(dense_dir, corpus, tmp_path):
+    check_fresh_generation(dense_dir, corpus, tmp_path,
+                           torch.randint(3, 258, (2, 10), generator=torch.Generator().manual_seed(3)))
 
 
 def test_autoresume_skips_the_dense_load(arms, dense_dir, corpus):

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import weakref
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Shipped recipes: each CPT/upcycle pair differs in exactly the `upcycle:` block, and every recipe expands.
 
-Training coverage: yamls/hf/mixtral.yaml runs in test_import.py, yamls/hf/{cpt,upcycle}.yaml in test_hf_upcycle.py; yamls/tiny/* run in test_train.py (pretrain via the dense_checkpoint fixture); the paper
+Training coverage: yamls/hf/mixtral.yaml runs in test_import.py, yamls/hf/{cpt,upcycle}.yaml in test_hf_upcycle.py and test_real_model.py (with hf/eval.yaml); yamls/tiny/* run in test_train.py (pretrain via the dense_checkpoint fixture); the paper
 shapes (436m, 1.4b) are built and stepped in test_study.py.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ MPT_PAIRS = [p for p in PAIRS if p != 'hf']  # hf: tests/test_hf_upcycle.py
 
 def test_every_yaml_is_known():
     shipped = sorted(str(p.relative_to(YAMLS)) for p in YAMLS.rglob('*.yaml'))
-    expected = ['tiny/pretrain.yaml', 'hf/mixtral.yaml'] + [f'{d}/{arm}.yaml' for d in PAIRS
+    expected = ['tiny/pretrain.yaml', 'hf/mixtral.yaml', 'hf/eval.yaml'] + [f'{d}/{arm}.yaml' for d in PAIRS
                                                             for arm in ('cpt', 'upcycle')]
     assert shipped == sorted(expected), 'a new recipe needs a test'
     assert PAIRS == ['1.4b', '436m', 'hf', 'tiny']
