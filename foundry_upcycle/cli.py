@@ -23,7 +23,8 @@ def _block_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument('--expert-noise-std', type=float)
     g.add_argument('--granularity', type=int, help='fine-grained experts: G shards of width F/G per copy')
     g.add_argument('--drop-ratio', type=float, help='Drop-Upcycling: fraction of each expert re-drawn')
-    g.add_argument('--moe-layers', help='MoE on some blocks: N (blocks 0, N, 2N, ...) or a list like 0,2,5')
+    g.add_argument('--moe-layers', help='MoE on some blocks: N (blocks 0, N, 2N, ...) or a list like 0,2,5 '
+                   '(one block: 3,)')
     g.add_argument('--grow', type=int, help='the checkpoint is an MoE: copy each expert M times, top-k x M')
 
 

@@ -199,3 +199,17 @@ def test_hf_grow_a_trained_mixtral_starts_at_its_ce(corpus, tmp_path):
         trainer.close()
     for split in SPLITS:
         assert abs(ce['cpt'][split] - ce['upcycle'][split]) < 1e-5, (split, ce)
+
+
+def test_convert_cli_takes_the_variant_flags(dense_checkpoint, tmp_path, capsys):
+    from foundry_upcycle.cli import main
+    out = tmp_path / 'moe.safetensors'
+    assert main(['convert', str(dense_checkpoint), '--out', str(out), '--num-experts', '4', '--top-k', '1',
+                 '--granularity', '2', '--moe-layers', '1,']) == 0     # the list [1] ('1' is every block)
+    sd = load_state_dict(str(out))
+    assert 'model.transformer.blocks.0.ffn.up_proj.weight' in sd                   # block 0 stays dense
+    assert sd['model.transformer.blocks.1.ffn.router.layer.weight'].shape[0] == 8  # 4 copies x 2 shards
+    assert main(['convert', str(dense_checkpoint), '--out', str(tmp_path / 'x.pt'), '--moe-layers', '0,,x']) == 2
+    assert '--moe-layers' in capsys.readouterr().err
+    assert main(['convert', str(dense_checkpoint), '--out', str(tmp_path / 'y.pt'), '--grow', '2']) == 2
+    assert 'upcycle.grow=2: block 0 of the checkpoint is dense' in capsys.readouterr().err
