@@ -5,8 +5,8 @@ Runs inside Composer's Trainer after FSDP wrapping and before autoresume:
   nothing: Composer loads that checkpoint next, and reading the dense one would only cost memory.
 - Otherwise rank 0 alone opens the dense checkpoint (`reader.open_source`: weights only, memory-mapped or read
   tensor by tensor) and plans the upcycled tensors with the model's mapping: `upcycle.mpt_moe_jobs` for
-  `mpt_upcycle_causal_lm` (MegaBlocks layout), `llama_to_mixtral.mixtral_jobs` for `hf_upcycle_causal_lm`
-  (a dense Llama / Mistral directory into a transformers Mixtral). `sharded_load.load_jobs` then streams them: rank 0
+  `mpt_upcycle_causal_lm` (MegaBlocks layout), `llama_to_mixtral.hf_upcycle_jobs` for `hf_upcycle_causal_lm`
+  (a dense Llama / Mistral directory into a transformers Mixtral, or a Mixtral grown). `sharded_load.load_jobs` then streams them: rank 0
   produces one tensor at a time and every rank receives it straight into its (sharded) parameter. Nothing
   E-times larger than one dense tensor is held (MegaBlocks' [E*F, D] expert tensors are the largest), nothing is
   written to disk. Names and shapes are recorded at INIT, before wrapping, so no rank gathers the model to read them.
@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
@@ -30,7 +31,7 @@ from foundry_upcycle import reader
 from foundry_upcycle.jobs import Job
 from foundry_upcycle.sharded_load import from_rank0, full_param, load_jobs, model_keys
 from foundry_upcycle.upcycle import check_shapes
-from foundry_upcycle.weights import UpcycleWeights, expert_spread
+from foundry_upcycle.weights import UpcycleWeights, copy_spread
 
 log = logging.getLogger(__name__)
 
@@ -90,27 +91,32 @@ class UpcycleLoader(Callback):
         if not delayed_wrap or dist.get_global_rank() == 0:
             assert loaded == set(self._expected), sorted(set(self._expected) ^ loaded)[:5]
         self.report = {'action': 'upcycled', 'delayed_wrap': delayed_wrap, 'layout': self._layout}
-        log.info('upcycle: loaded %s into %d experts per block', self.source, self.num_experts)
+        log.info('upcycle: loaded %s into %d experts per block', self.source, self.opts.experts)
 
     def after_load(self, state: State, logger: Logger) -> None:
         spread = self._expert_spread(state.model)
-        self.fresh_after_load = spread == 0.0
+        if self.opts.copies_only or self.report.get('action') == 'skipped':
+            self.fresh_after_load = spread == 0.0
+            what = 'identical copies of their source' if self.fresh_after_load else 'distinct (trained weights)'
+        else:  # drop_ratio / noise: the experts differ from the first step on, by design
+            self.fresh_after_load = None
+            what = 'distinct by design (drop_ratio / expert_noise_std)'
         self.report['fresh_after_load'] = self.fresh_after_load
-        what = 'identical copies of the dense FFN' if self.fresh_after_load else 'distinct (trained weights)'
-        log.info('upcycle: after load at batch %d, experts are %s (max expert spread %.3g)',
+        log.info('upcycle: after load at batch %d, experts are %s (max spread between copies %.3g)',
                  int(state.timestamp.batch), what, spread)
         logger.log_hyperparameters({'upcycle/fresh_experts_after_load': self.fresh_after_load})
 
     def _expert_spread(self, model) -> float:
+        """Max difference between experts that start as copies of one matrix, in the first MoE block."""
         if self._layout == 'mpt':
             with full_param(model, 'ffn.experts.mlp.w1') as w1:
-                return expert_spread(w1, self.num_experts)
-        spread = 0.0
-        with full_param(model, '.layers.0.block_sparse_moe.experts.0.w1.weight') as first:
-            for e in range(1, self.num_experts):
-                with full_param(model, f'.layers.0.block_sparse_moe.experts.{e}.w1.weight') as other:
-                    spread = max(spread, (other - first).abs().max().item())
-        return spread
+                return copy_spread(w1, self.opts)
+        first_layer = min(int(k.split('.layers.')[1].split('.')[0]) for k in self._expected if '.block_sparse_moe.' in k)
+        w1 = []
+        for e in range(self.opts.experts):
+            with full_param(model, f'.layers.{first_layer}.block_sparse_moe.experts.{e}.w1.weight') as w:
+                w1.append(w.detach().clone())
+        return copy_spread(torch.cat(w1), self.opts)
 
     def _plan(self, stack: contextlib.ExitStack) -> list[Job]:
         """Rank 0: the upcycled tensors as jobs over the dense source, checked against the model (no data read
@@ -128,8 +134,8 @@ class UpcycleLoader(Callback):
                 from foundry_upcycle.upcycle import mpt_moe_jobs
                 jobs = mpt_moe_jobs(source, self.opts, out_prefix=prefix)
             else:
-                from foundry_upcycle.llama_to_mixtral import mixtral_jobs, read_dense_config
-                jobs = mixtral_jobs(source, read_dense_config(path, where), self.opts, out_prefix=prefix, what=where)
+                from foundry_upcycle.llama_to_mixtral import hf_upcycle_jobs
+                jobs, _ = hf_upcycle_jobs(path, source, self.opts, out_prefix=prefix, what=where)
         except ValueError as e:
             raise ValueError(e if str(e).startswith(where) else f'{where}: {e}') from None
         check_shapes({s.name: s.shape for job in jobs for s in job.specs}, self._expected, where)

@@ -21,14 +21,30 @@ def _block_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument('--router-init-std', type=float)
     g.add_argument('--seed', type=int)
     g.add_argument('--expert-noise-std', type=float)
+    g.add_argument('--granularity', type=int, help='fine-grained experts: G shards of width F/G per copy')
+    g.add_argument('--drop-ratio', type=float, help='Drop-Upcycling: fraction of each expert re-drawn')
+    g.add_argument('--moe-layers', help='MoE on some blocks: N (blocks 0, N, 2N, ...) or a list like 0,2,5 '
+                   '(one block: 3,)')
+    g.add_argument('--grow', type=int, help='the checkpoint is an MoE: copy each expert M times, top-k x M')
+
+
+def _moe_layers(text: str):
+    try:
+        values = [int(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise ValueError(f'--moe-layers: expected N or a comma-separated list of block indices, got {text!r}') from None
+    return values[0] if len(values) == 1 and ',' not in text else values
 
 
 def _block(args: argparse.Namespace, recipe: Optional[dict]) -> 'UpcycleConfig':
     from foundry_upcycle.config import UpcycleConfig
     block = dict((recipe or {}).get('upcycle') or {})
-    for key in ('num_experts', 'top_k', 'router_init_std', 'seed', 'expert_noise_std'):
+    for key in ('num_experts', 'top_k', 'router_init_std', 'seed', 'expert_noise_std', 'granularity', 'drop_ratio',
+                'grow'):
         if getattr(args, key) is not None:
             block[key] = getattr(args, key)
+    if args.moe_layers is not None:
+        block['moe_layers'] = _moe_layers(args.moe_layers)
     return UpcycleConfig.from_mapping(block)
 
 
@@ -63,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True)
 
     p = sub.add_parser('convert', help='dense checkpoint -> upcycled MoE checkpoint (for load_path users)')
-    p.add_argument('dense', help='dense Composer checkpoint (.pt) or .safetensors state dict')
+    p.add_argument('dense', help='dense Composer checkpoint (.pt) or .safetensors state dict (an MoE one with --grow)')
     p.add_argument('--out', required=True, help='output: .pt (weights-only Composer checkpoint) or .safetensors')
     p.add_argument('--recipe', help='upcycling recipe: its upcycle block gives the defaults, its model block is checked')
     p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='recipe overrides (dotlist)')

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from foundry_upcycle.moe_layers import check_moe_layers, moe_layer_indices
+
 BACKENDS = ('auto', 'torch', 'megablocks')
 # renormalized: top-k weights renormalised to sum 1 (Mixtral; exact function preservation).
 # softmax: softmax-then-top-k without renormalisation (He et al. 2024), experts' output scaled by E/K.
@@ -43,6 +45,11 @@ class UpcycleConfig:
     moe_world_size: int = 1
     lr: Optional[float] = None  # optimizer.lr of the upcycled run (the paper used 2x CPT's at 436M); None: the recipe's
     router_weights: str = 'renormalized'
+    # variants (weights.py states each one's exactness rule)
+    drop_ratio: float = 0.0            # Drop-Upcycling: fraction of each expert's intermediate rows re-drawn
+    granularity: int = 1               # fine-grained: each copy split into G experts of width F/G, top-(k*G)
+    moe_layers: Any = None             # None: every block; n: blocks 0, n, 2n, ...; a list: those blocks
+    grow: int = 1                      # an MoE checkpoint at `from`: each expert copied m times, top-(k*m)
 
     def __post_init__(self):
         def bad(key: str, why: str):
@@ -72,6 +79,20 @@ class UpcycleConfig:
             bad('moe_world_size', f'must be an integer >= 1, got {self.moe_world_size!r}')
         if self.num_experts % self.moe_world_size:
             bad('moe_world_size', f'{self.moe_world_size} must divide num_experts={self.num_experts}')
+        if not _is_number(self.drop_ratio) or not 0 <= self.drop_ratio <= 1:
+            bad('drop_ratio', f'must be a number in [0, 1] (the fraction of each expert re-drawn), got {self.drop_ratio!r}')
+        for key in ('granularity', 'grow'):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
+                bad(key, f'must be an integer >= 1, got {getattr(self, key)!r}')
+        try:
+            object.__setattr__(self, 'moe_layers', check_moe_layers(self.moe_layers, 'upcycle.moe_layers'))
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        if self.grow > 1:
+            for key in ('drop_ratio', 'expert_noise_std'):
+                if getattr(self, key):
+                    bad(key, f'must be 0 with grow={self.grow}: grow copies the trained experts of an MoE '
+                        'checkpoint exactly; drop_ratio / noise re-draw copies of a dense FFN')
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -87,7 +108,8 @@ class UpcycleConfig:
         if unknown:
             raise ValueError(f'upcycle: unknown key(s) {unknown}; allowed keys are {cls.keys()}')
         kwargs = {('source' if k == 'from' else k): v for k, v in block.items()}
-        for key in ('router_init_std', 'load_balancing_loss_weight', 'zloss_weight', 'expert_noise_std', 'lr'):
+        for key in ('router_init_std', 'load_balancing_loss_weight', 'zloss_weight', 'expert_noise_std', 'lr',
+                    'drop_ratio'):
             if _is_int(kwargs.get(key)):
                 kwargs[key] = float(kwargs[key])
         return cls(**kwargs)
@@ -95,18 +117,35 @@ class UpcycleConfig:
     def to_mapping(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out['from'] = out.pop('source')
+        if isinstance(out['moe_layers'], tuple):
+            out['moe_layers'] = list(out['moe_layers'])
         return out
 
     def weights(self):
         """The options of the weight math (`weights.UpcycleWeights`): what the loader and the mappings need."""
         from foundry_upcycle.weights import UpcycleWeights
         return UpcycleWeights(num_experts=self.num_experts, router_init_std=self.router_init_std, seed=self.seed,
-                              expert_noise_std=self.expert_noise_std, expert_output_scale=self.expert_output_scale)
+                              expert_noise_std=self.expert_noise_std, expert_output_scale=self.expert_output_scale,
+                              granularity=self.granularity, drop_ratio=self.drop_ratio, grow=self.grow,
+                              moe_layers=self.moe_layers)
 
     @property
     def exact(self) -> bool:
-        """Whether the freshly upcycled model reproduces the dense model's function (to rounding)."""
-        return self.expert_noise_std == 0 and self.router_weights == 'renormalized'
+        """Whether the freshly upcycled model reproduces its source's function (to rounding): plain copies with
+        renormalised top-k (any granularity, layer subset), or a grown MoE (renormalised or softmax alike)."""
+        copies = self.expert_noise_std == 0 and self.drop_ratio == 0
+        return copies and (self.router_weights == 'renormalized' or self.grow > 1)
+
+    @property
+    def total_experts(self) -> int:
+        """Experts per MoE block of the model: num_experts copies x granularity shards x grow."""
+        return self.num_experts * self.granularity * self.grow
+
+    @property
+    def total_top_k(self) -> int:
+        """Experts per token of the model: top_k x granularity x grow (the same active width as top_k copies,
+        times grow)."""
+        return self.top_k * self.granularity * self.grow
 
     @property
     def expert_output_scale(self) -> float:
@@ -154,8 +193,8 @@ def check_no_ffn_bias(model_cfg: Mapping[str, Any]) -> None:
 
 # ffn_config keys the block decides; a dense recipe that sets one of them to another value contradicts it.
 _BLOCK_OWNED = {
-    'moe_num_experts': lambda c: c.num_experts,
-    'moe_top_k': lambda c: c.top_k,
+    'moe_num_experts': lambda c: c.total_experts,
+    'moe_top_k': lambda c: c.total_top_k,
     'moe_world_size': lambda c: c.moe_world_size,
     'moe_loss_weight': lambda c: c.load_balancing_loss_weight,
 }
@@ -168,6 +207,9 @@ def moe_ffn_config(model_cfg: Mapping[str, Any], cfg: UpcycleConfig, backend: st
     assert backend in ('torch', 'megablocks'), backend
     check_no_ffn_bias(model_cfg)
     mlp_type, hidden = dense_ffn_shape(model_cfg)
+    if hidden % cfg.granularity:
+        raise ValueError(f'upcycle.granularity={cfg.granularity} must divide the dense FFN width {hidden} '
+                         '(model.ffn_config.ffn_hidden_size, or d_model * expansion_ratio)')
     dense = dict(model_cfg.get('ffn_config') or {})
     for key, want in _BLOCK_OWNED.items():
         if key in dense and dense[key] != want(cfg):
@@ -183,11 +225,11 @@ def moe_ffn_config(model_cfg: Mapping[str, Any], cfg: UpcycleConfig, backend: st
             )
     out: dict[str, Any] = {
         'ffn_type': 'torch_dmoe' if backend == 'torch' else 'mb_dmoe',
-        'ffn_hidden_size': hidden,
+        'ffn_hidden_size': hidden // cfg.granularity,
         'ffn_act_fn': copy.deepcopy(dense.get('ffn_act_fn') or DEFAULT_FFN_ACT_FN),
         'mlp_type': mlp_type,
-        'moe_num_experts': cfg.num_experts,
-        'moe_top_k': cfg.top_k,
+        'moe_num_experts': cfg.total_experts,
+        'moe_top_k': cfg.total_top_k,
         **exactness,
     }
     if backend == 'megablocks':
@@ -199,4 +241,22 @@ def moe_ffn_config(model_cfg: Mapping[str, Any], cfg: UpcycleConfig, backend: st
         )
     elif cfg.moe_world_size != 1:
         raise ValueError('upcycle.moe_world_size > 1 (expert parallelism) needs the megablocks backend')
+    return out
+
+
+def moe_model_fields(model_cfg: Mapping[str, Any], cfg: UpcycleConfig, backend: str) -> dict[str, Any]:
+    """The `model:` keys the block sets: the MoE `ffn_config`, and with `moe_layers` on some blocks only, the list
+    of MoE blocks (`moe_layers`) and the dense FFN the others keep (`dense_ffn_config`), which
+    `mpt_upcycle_causal_lm` builds; `expert_granularity` (and `expert_grow`) for G > 1 let the router monitor tell
+    which shard of the dense FFN each expert holds."""
+    out: dict[str, Any] = {'ffn_config': moe_ffn_config(model_cfg, cfg, backend)}
+    n_layers = model_cfg.get('n_layers', 24)      # MPTConfig's default
+    moe = moe_layer_indices(cfg.moe_layers, n_layers, 'upcycle.moe_layers')
+    if len(moe) < n_layers:
+        out['moe_layers'] = moe
+        out['dense_ffn_config'] = copy.deepcopy(dict(model_cfg.get('ffn_config') or {'ffn_type': 'mptmlp'}))
+    if cfg.granularity > 1:
+        out['expert_granularity'] = cfg.granularity
+        if cfg.grow > 1:
+            out['expert_grow'] = cfg.grow
     return out

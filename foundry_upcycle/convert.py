@@ -1,4 +1,5 @@
-"""Offline upcycling: dense checkpoint in, MoE checkpoint out, for users who prefer `load_path:`.
+"""Offline upcycling: dense checkpoint in, MoE checkpoint out, for users who prefer `load_path:` (every variant of the
+block: granularity, drop_ratio, moe_layers, and grow from an MoE checkpoint).
 
 The same mapping as the `upcycle_loader` callback (`upcycle.mpt_moe_jobs`) over the same reader. A `.safetensors`
 output is streamed (one tensor in memory at a time); a Composer `.pt` output is one `torch.save` of the whole
@@ -50,10 +51,11 @@ def check_against_model_config(jobs: list[Job], model_cfg: Mapping[str, Any], uc
     prefix, blocks = split_ffn_keys(shapes)
     if n_layers is not None and len(blocks) != n_layers:
         raise ValueError(f'{source}: {len(blocks)} blocks, but model.n_layers is {n_layers}')
-    w1 = shapes[blocks[0]['experts.mlp.w1']]
-    want = (ucfg.num_experts * hidden, d_model)
+    first = min(i for i, names in blocks.items() if 'experts.mlp.w1' in names)
+    w1 = shapes[blocks[first]['experts.mlp.w1']]
+    want = (ucfg.num_experts * ucfg.grow * hidden, d_model)    # E*G experts of F/G rows (x m grown)
     if tuple(w1) != want:
-        raise ValueError(f'{source}: {prefix}0.ffn.experts.mlp.w1 is {tuple(w1)} but the recipe expects {want} '
+        raise ValueError(f'{source}: {prefix}{first}.ffn.experts.mlp.w1 is {tuple(w1)} but the recipe expects {want} '
                          '(check model.d_model and ffn_hidden_size / expansion_ratio)')
 
 

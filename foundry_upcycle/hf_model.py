@@ -29,10 +29,12 @@ _BUILDING: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar('hf_u
 
 def check_upcycle_options(options: Mapping[str, Any]) -> dict[str, Any]:
     known = {'num_experts', 'top_k', 'load_balancing_loss_weight'}
-    unknown = sorted(set(options) - known)
+    variants = {'granularity': 1, 'grow': 1}      # optional (issue 17): fine-grained experts, a grown Mixtral
+    unknown = sorted(set(options) - known - set(variants))
     if unknown or not known <= set(options):
-        raise ValueError(f'model.upcycle: expected exactly {sorted(known)}, got {sorted(options)}')
-    return dict(options)
+        raise ValueError(f'model.upcycle: expected {sorted(known)} (and optionally {sorted(variants)}), '
+                         f'got {sorted(options)}')
+    return {**variants, **options}
 
 
 class ComposerHFUpcycleCausalLM(ComposerHFCausalLM):
@@ -58,14 +60,16 @@ class ComposerHFUpcycleCausalLM(ComposerHFCausalLM):
         """The dense config (with the recipe's overrides) -> the upcycled MixtralConfig."""
         from llmfoundry.utils.config_utils import set_config_overrides
 
-        from foundry_upcycle.llama_to_mixtral import check_dense_config, mixtral_config
+        from foundry_upcycle.llama_to_mixtral import check_dense_config, upcycled_mixtral_config
         options = _BUILDING.get()
         assert options is not None, f'{cls.__name__}.build_config called outside __init__'
         dense = super().build_config(pretrained_model_name_or_path, trust_remote_code, use_auth_token,
                                      attn_implementation, config_overrides).to_dict()
-        check_dense_config(dense, f'model.pretrained_model_name_or_path {pretrained_model_name_or_path}')
-        config = mixtral_config(dense, options['num_experts'], options['top_k'],
-                                options['load_balancing_loss_weight'], dtype=dense.get('torch_dtype'))
+        if dense.get('model_type') != 'mixtral':   # a Mixtral source is grown (grow > 1, checked by the transform)
+            check_dense_config(dense, f'model.pretrained_model_name_or_path {pretrained_model_name_or_path}')
+        config = upcycled_mixtral_config(dense, options['num_experts'], options['top_k'], options['granularity'],
+                                         options['grow'], options['load_balancing_loss_weight'],
+                                         dtype=dense.get('torch_dtype'))
         set_config_overrides(config, options['config_overrides'])
         config.use_cache = False
         config._attn_implementation = attn_implementation

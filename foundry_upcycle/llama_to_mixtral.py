@@ -4,9 +4,11 @@ Used by `foundry-upcycle import-hf` (streamed to disk) and by the `hf_upcycle_ca
 into the training model at BEFORE_LOAD); the weight math is `weights.py`. Families Mixtral cannot represent
 exactly are refused with the architecture and the config key. Imports torch (transformers lazily, for configs).
 
-Shapes: D hidden_size, F intermediate_size, E experts.
+Shapes: D hidden_size, F intermediate_size, E experts, G granularity (N = E*G experts of width f = F/G).
   dense  model.layers.{i}.mlp.gate_proj / up_proj [F, D], down_proj [D, F]
-  MoE    model.layers.{i}.block_sparse_moe.gate [E, D], experts.{e}.w1 = gate, w3 = up [F, D], w2 = down [D, F]
+  MoE    model.layers.{i}.block_sparse_moe.gate [N, D], experts.{j}.w1 = gate, w3 = up [f, D], w2 = down [D, f]
+Variants: granularity and drop_ratio map as in `weights.py`; grow maps a Mixtral to a Mixtral with m times the
+experts (`mixtral_grow_jobs`); moe_layers other than every block is refused (Mixtral holds an MoE in every block).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from typing import Any, Mapping
 import torch
 
 from foundry_upcycle.jobs import Job, TensorSpec
-from foundry_upcycle.weights import UpcycleWeights, expert_matrix, router_weight
+from foundry_upcycle.moe_layers import moe_layer_indices
+from foundry_upcycle.weights import UpcycleWeights, expert_matrix, grown_rows, router_weight
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +104,22 @@ def check_tensors(specs: Mapping[str, TensorSpec], cfg: Mapping[str, Any], what:
     return specs
 
 
+def check_mixtral_options(opts: UpcycleWeights, n_layers: int, what: str = 'upcycle') -> None:
+    """ValueError naming the key for a variant Mixtral cannot hold: dense blocks among MoE blocks."""
+    moe = moe_layer_indices(opts.moe_layers, n_layers, f'{what}.moe_layers')
+    if len(moe) < n_layers:
+        raise ValueError(f'{what}.moe_layers={opts.moe_layers!r}: Mixtral holds a mixture of experts in every block, '
+                         f'so it cannot keep blocks {sorted(set(range(n_layers)) - set(moe))} dense (the MPT path can)')
+
+
 def mixtral_jobs(source, cfg: Mapping[str, Any], opts: UpcycleWeights, out_prefix: str = '',
                  what: str = 'src') -> list[Job]:
     """The Mixtral's tensors as lazy jobs over a dense source, in model order: embedding, then per layer attention,
-    router and experts, then norm and head. A job per dense MLP matrix yields its E expert copies one at a time."""
+    router and experts, then norm and head. A job per dense MLP matrix yields its E*G experts one at a time."""
     specs = check_tensors(source.specs, cfg, what)
-    E, D = opts.num_experts, cfg['hidden_size']
+    check_mixtral_options(opts, cfg['num_hidden_layers'])
+    assert opts.grow == 1 and cfg['intermediate_size'] % opts.granularity == 0, 'read_source_config checks these'
+    E, D = opts.num_experts * opts.granularity, cfg['hidden_size']
     dtype = specs['model.embed_tokens.weight'].dtype
 
     def passthrough(name: str) -> Job:
@@ -116,13 +129,15 @@ def mixtral_jobs(source, cfg: Mapping[str, Any], opts: UpcycleWeights, out_prefi
     def experts(i: int, dense: str) -> Job:
         name, (role, w) = f'model.layers.{i}.mlp.{dense}.weight', _ROLES[dense]
         s = specs[name]
-        out = tuple(TensorSpec(f'{out_prefix}model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight', s.shape,
+        shape = (s.shape[0], s.shape[1] // opts.granularity) if role == 'down' else \
+            (s.shape[0] // opts.granularity, s.shape[1])
+        out = tuple(TensorSpec(f'{out_prefix}model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight', shape,
                                s.dtype) for e in range(E))
 
         def produce():
             weight = source.read(name)
-            if role == 'down':  # [D, F] -> [F, D] for the math, each copy back to [D, F]
-                yield from (expert_matrix(weight.t(), opts, i, role, e).t() for e in range(E))
+            if role == 'down':  # [D, F] -> [F, D] for the math, each expert back to [D, f]
+                yield from (expert_matrix(weight.t(), opts, i, role, e).t().contiguous() for e in range(E))
             else:
                 yield from (expert_matrix(weight, opts, i, role, e) for e in range(E))
         return Job(out, produce)
@@ -139,8 +154,84 @@ def mixtral_jobs(source, cfg: Mapping[str, Any], opts: UpcycleWeights, out_prefi
     return jobs
 
 
+def mixtral_grow_jobs(source, cfg: Mapping[str, Any], opts: UpcycleWeights, out_prefix: str = '',
+                      what: str = 'src') -> list[Job]:
+    """A Mixtral grown m-fold (`opts.grow`), in the source's order: new expert j is source expert j // m, the
+    router's rows repeated m times; everything else passes through. Exact with top-k raised m-fold."""
+    n = int(cfg['num_local_experts'])
+    want = opts.num_experts * opts.granularity
+    if n != want:
+        raise ValueError(f'{what}: the Mixtral has {n} experts, but upcycle.num_experts x granularity = {want}: with '
+                         'grow, the block describes the model being grown')
+    check_mixtral_options(opts, cfg['num_hidden_layers'])
+    expert = re.compile(r'^(?P<pre>.*\.block_sparse_moe\.experts\.)(?P<e>\d+)(?P<post>\.w[123]\.weight)$')
+    jobs = []
+    for name, spec in source.specs.items():
+        if _IGNORED.search(name):
+            continue
+        m = expert.match(name)
+        if m is not None:
+            e = int(m['e'])
+            outs = tuple(TensorSpec(f'{out_prefix}{m["pre"]}{e * opts.grow + c}{m["post"]}', spec.shape, spec.dtype)
+                         for c in range(opts.grow))
+            jobs.append(Job(outs, lambda name=name: [source.read(name)] * opts.grow))
+        elif name.endswith('.block_sparse_moe.gate.weight'):
+            shape = (spec.shape[0] * opts.grow, *spec.shape[1:])
+            jobs.append(Job((TensorSpec(out_prefix + name, shape, spec.dtype),),
+                            lambda name=name: [grown_rows(source.read(name), n, opts.grow)]))
+        else:
+            jobs.append(Job((TensorSpec(out_prefix + name, spec.shape, spec.dtype),),
+                            lambda name=name: [source.read(name)]))
+    return jobs
+
+
+def read_source_config(path: str | Path, opts: UpcycleWeights, what: str = 'src') -> dict[str, Any]:
+    """config.json of the HF directory to upcycle (dense Llama / Mistral) or, with grow > 1, to grow (Mixtral),
+    checked against the variants: ValueError naming the key for what Mixtral cannot hold."""
+    raw_path = Path(path).expanduser() / 'config.json'
+    model_type = json.loads(raw_path.read_text()).get('model_type') if raw_path.is_file() else None
+    if model_type == 'mixtral':
+        if opts.grow == 1:
+            raise ValueError(f'{what} is already a Mixtral: set upcycle.grow to add experts to it')
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(str(raw_path.parent)).to_dict()
+    else:
+        cfg = read_dense_config(path, what)
+        if opts.grow > 1:
+            raise ValueError(f'upcycle.grow={opts.grow}: {what} is a dense {cfg["model_type"]}; grow adds experts to a '
+                             'Mixtral (drop grow to upcycle a dense model)')
+        if cfg['intermediate_size'] % opts.granularity:
+            raise ValueError(f'upcycle.granularity={opts.granularity} must divide intermediate_size '
+                             f'{cfg["intermediate_size"]} of {what}')
+    check_mixtral_options(opts, cfg['num_hidden_layers'])
+    return cfg
+
+
+def hf_upcycle_jobs(path: str | Path, source, opts: UpcycleWeights, out_prefix: str = '',
+                    what: str = 'src') -> tuple[list[Job], dict[str, Any]]:
+    """(jobs, source config) for the HF model directory `path`: a dense Llama / Mistral upcycled into Mixtral, or
+    (grow > 1) a Mixtral grown. The one entry point of the `hf_upcycle_causal_lm` loader and `import-hf`."""
+    cfg = read_source_config(path, opts, what)
+    if cfg['model_type'] == 'mixtral':
+        return mixtral_grow_jobs(source, cfg, opts, out_prefix, what), cfg
+    return mixtral_jobs(source, cfg, opts, out_prefix, what), cfg
+
+
+def upcycled_mixtral_config(source_cfg: Mapping[str, Any], num_experts: int, top_k: int, granularity: int,
+                            grow: int, load_balancing_loss_weight: float, dtype: Any = None):
+    """The MixtralConfig of `hf_upcycle_jobs`' output: from a dense config, E*G experts of width F/G routing
+    top-(k*G); from a Mixtral config (grow), m times its experts and its top-k."""
+    if source_cfg.get('model_type') == 'mixtral':
+        return mixtral_config(source_cfg, int(source_cfg['num_local_experts']) * grow,
+                              int(source_cfg['num_experts_per_tok']) * grow, load_balancing_loss_weight, dtype)
+    return mixtral_config(source_cfg, num_experts * granularity * grow, top_k * granularity * grow,
+                          load_balancing_loss_weight, dtype,
+                          intermediate_size=source_cfg['intermediate_size'] // granularity)
+
+
+
 def mixtral_config(dense: Mapping[str, Any], num_experts: int, top_k: int, load_balancing_loss_weight: float,
-                   dtype: Any = None):
+                   dtype: Any = None, intermediate_size: int | None = None):
     """MixtralConfig with the dense model's shapes (rope, norm eps, tied embeddings, sliding window, GQA) and
     `num_experts` copies, set up for serving: no router logits, so `generate` works with a KV cache; the
     load-balancing weight is stored as `router_aux_loss_coef` for training, which turns the router logits on."""
@@ -150,7 +241,8 @@ def mixtral_config(dense: Mapping[str, Any], num_experts: int, top_k: int, load_
         extra['rope_scaling'] = dense['rope_scaling']  # transformers' Mixtral reads it like Llama's
     heads = dense['num_attention_heads']
     return MixtralConfig(
-        vocab_size=dense['vocab_size'], hidden_size=dense['hidden_size'], intermediate_size=dense['intermediate_size'],
+        vocab_size=dense['vocab_size'], hidden_size=dense['hidden_size'],
+        intermediate_size=intermediate_size or dense['intermediate_size'],
         num_hidden_layers=dense['num_hidden_layers'], num_attention_heads=heads,
         num_key_value_heads=dense.get('num_key_value_heads') or heads,
         head_dim=dense.get('head_dim') or dense['hidden_size'] // heads,

@@ -1,4 +1,5 @@
-"""Registered model `mpt_upcycle_causal_lm`: foundry's MPT plus router losses for `torch_dmoe`.
+"""Registered model `mpt_upcycle_causal_lm`: foundry's MPT plus router losses for `torch_dmoe`, and an MoE on
+some blocks only (`moe_layers` + `dense_ffn_config`, which foundry's `block_overrides` cannot express).
 
 Foundry adds megablocks' load-balancing loss for `mb_dmoe` but none for `torch_dmoe`. This class records
 every router's logits with forward hooks and adds the load-balancing loss (and an optional z-loss).
@@ -12,15 +13,55 @@ reentrant checkpointing runs the forward under `no_grad`, so the router losses w
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping, MutableMapping, Union
 
 import torch
-from llmfoundry.models.mpt import ComposerMPTCausalLM
+from llmfoundry.models.mpt import ComposerMPTCausalLM, MPTForCausalLM, MPTModel
 
 from foundry_upcycle.losses import load_balancing_loss, router_z_loss
 
 ROUTER_SUFFIX = 'ffn.router.layer'
 MEGABLOCKS_FFNS = ('mb_dmoe', 'mb_moe')
+
+
+class UpcycleMPTModel(MPTModel):
+    """MPT whose blocks listed in `config.moe_layers` get `ffn_config` (the MoE) and the others `dense_ffn_config`.
+
+    Foundry 0.22's `block_overrides` allows attention keys only (`MPTConfig.allowed_block_overrides`), so the
+    per-block FFN is built here. Without `moe_layers` this is foundry's MPTModel unchanged."""
+
+    def construct_blocks(self, config) -> torch.nn.ModuleList:
+        moe_layers = getattr(config, 'moe_layers', None)
+        if moe_layers is None:
+            return super().construct_blocks(config)
+        dense_ffn = getattr(config, 'dense_ffn_config', None)
+        if not isinstance(dense_ffn, dict) or dense_ffn.get('ffn_type') not in ('mptglu', 'mptmlp'):
+            raise ValueError(f'model.dense_ffn_config must be the dense FFN (mptglu / mptmlp) of the blocks outside '
+                             f'model.moe_layers, got {dense_ffn!r}')
+        bad = sorted(set(moe_layers) - set(range(config.n_layers)))
+        if bad or not moe_layers:
+            raise ValueError(f'model.moe_layers {list(moe_layers)}: blocks {bad} do not exist (n_layers '
+                             f'{config.n_layers})')
+        if config.block_overrides is not None:
+            raise ValueError('model.moe_layers cannot be combined with model.block_overrides')
+        block_args = self.extract_block_args(config.to_dict())
+        if getattr(self, 'mb_args', None) is not None:
+            self.mb_args.num_layers = len(moe_layers)   # megablocks' LBL expects one entry per MoE layer
+        self.state_cache_layers = {'reuse_kv_layer_idx': set(), 'reuse_kv_x_layer_idx': set()}  # as foundry's
+        self.blocks_fuse_norm_attn_norm = block_args.get('fuse_norm_attn_norm', False)
+        dense_args = {**block_args, 'ffn_config': copy.deepcopy(dense_ffn)}
+        return torch.nn.ModuleList([
+            self.block_class(device=config.init_device, **(block_args if i in moe_layers else dense_args))
+            for i in range(config.n_layers)
+        ])
+
+
+class UpcycleMPTForCausalLM(MPTForCausalLM):
+
+    @property
+    def backbone_model_class(self) -> type[MPTModel]:
+        return UpcycleMPTModel
 
 
 class ComposerMPTUpcycleCausalLM(ComposerMPTCausalLM):
@@ -47,6 +88,10 @@ class ComposerMPTUpcycleCausalLM(ComposerMPTCausalLM):
         _check_same_ffn_type_on_all_ranks(self.config.ffn_config['ffn_type'])
         for router in routers:
             router.register_forward_hook(self._record_logits)
+
+    @property
+    def model_class(self) -> type[MPTForCausalLM]:
+        return UpcycleMPTForCausalLM
 
     def _record_logits(self, module: torch.nn.Module, inputs: Any, logits: torch.Tensor) -> None:
         if self.training and self._in_forward:  # not the activation-checkpoint recompute in backward

@@ -1,6 +1,7 @@
 """Registered callback `upcycle_router_monitor`: router health of every MoE layer, through Composer's loggers.
 
-Add it to any recipe with a `torch_dmoe` / `mb_dmoe` model:
+Add it to any recipe with a `torch_dmoe` / `mb_dmoe` model (every variant of the upcycle block: fine-grained E*G
+experts, MoE on some blocks only (logged under their block index), grown, Drop-Upcycling):
 
     callbacks:
       upcycle_router_monitor: {interval: 10}
@@ -10,6 +11,7 @@ For batches 0, interval, 2*interval, ... and the last batch of the run it logs, 
   router/layer{i}/load/expert{e}  fraction of the batch's (token, top-k slot) assignments routed to expert e
   router/layer{i}/entropy         mean per-token entropy (nats) of the router softmax
   router/layer{i}/expert_spread   mean over experts of ||W_e - mean_e W|| / ||mean_e W||, W_e = expert e's w1, v1, w2
+                                  (fine-grained experts: the mean over the experts holding the same dense shard)
   router/layer{i}/lbl             the layer's unweighted load-balancing loss (megablocks scaling; 1.0 = uniform)
   router/lbl                      mean of the layers' lbl
 
@@ -73,6 +75,7 @@ class RouterMonitor(Callback):
         ffn_config = _ffn_config(state.model)
         self._top_k = int(ffn_config['moe_top_k'])
         self._num_experts = int(ffn_config['moe_num_experts'])
+        self._layout = _shard_layout(state.model)
         for i, ffn in layers.items():
             self._handles.append(ffn.router.layer.register_forward_hook(self._router_hook(i)))
             self._handles.append(ffn.register_forward_hook(self._spread_hook(i)))
@@ -121,7 +124,7 @@ class RouterMonitor(Callback):
             if not (self._armed and self._measure_spread and module.training) or layer in self._spread:
                 return
             with torch.no_grad():
-                self._spread[layer] = _layer_spread(module.experts.mlp, self._num_experts)
+                self._spread[layer] = _layer_spread(module.experts.mlp, self._num_experts, *self._layout)
 
         return hook
 
@@ -147,7 +150,7 @@ class RouterMonitor(Callback):
         self._last_logged = self._batch
 
 
-def _layer_spread(mlp: torch.nn.Module, num_experts: int) -> torch.Tensor:
+def _layer_spread(mlp: torch.nn.Module, num_experts: int, granularity: int = 1, grow: int = 1) -> torch.Tensor:
     """Expert spread of one MoE layer from its (unsharded, in forward) expert tensors."""
     tensors, group, local = {}, None, num_experts
     for name in EXPERT_TENSORS:
@@ -159,16 +162,26 @@ def _layer_spread(mlp: torch.nn.Module, num_experts: int) -> torch.Tensor:
             local = num_experts // w.device_mesh.size()
             w = w.to_local()
         tensors[name] = w
-    dist2, norm2 = expert_spread_sums(tensors, local, num_experts, group)
+    dist2, norm2 = expert_spread_sums(tensors, local, num_experts, group, granularity, grow)
     ratio_sum = (dist2.sqrt() / norm2.sqrt()).sum()
     if group is not None:
         torch.distributed.all_reduce(ratio_sum, group=group)
     return ratio_sum / num_experts
 
 
-def _ffn_config(model: torch.nn.Module) -> dict[str, Any]:
+def _mpt_config(model: torch.nn.Module) -> Any:
     model = getattr(model, 'module', model)  # DistributedDataParallel
-    config = getattr(getattr(model, 'model', model), 'config', None)
+    return getattr(getattr(model, 'model', model), 'config', None)
+
+
+def _shard_layout(model: torch.nn.Module) -> tuple[int, int]:
+    """(granularity, grow) of fine-grained experts (mpt_upcycle_causal_lm's `expert_granularity` / `expert_grow`)."""
+    config = _mpt_config(model)
+    return int(getattr(config, 'expert_granularity', None) or 1), int(getattr(config, 'expert_grow', None) or 1)
+
+
+def _ffn_config(model: torch.nn.Module) -> dict[str, Any]:
+    config = _mpt_config(model)
     ffn_config = getattr(config, 'ffn_config', None)
     if not ffn_config or 'moe_top_k' not in ffn_config:
         raise ValueError('callbacks.upcycle_router_monitor: model.ffn_config has no moe_top_k (not an MPT MoE)')

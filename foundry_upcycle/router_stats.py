@@ -41,33 +41,38 @@ def routing_metrics(sums: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
 
 
 def expert_spread_sums(tensors: Mapping[str, torch.Tensor], num_local_experts: int, num_experts: int,
-                       group=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distance of each local expert to the mean expert [E_local], and the squared norm of the mean
-    expert, summed over the given [E_local*F, D] tensors (w1, v1, w2).
+                       group=None, granularity: int = 1, grow: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distance of each local expert to the mean expert of its shard position [G, E_local/G], and the
+    squared norm of that mean expert [G, 1], summed over the given [E_local*f, D] tensors (w1, v1, w2).
 
-    group None: the tensors hold every expert; differences are taken relative to the first expert, so fresh
-    copies give exactly 0. With expert parallelism, `group` is the expert-parallel process group: the mean
-    expert is one all-reduce of the local sums (no parameter gather)."""
+    Fine-grained experts (granularity G; expert j = (e*G + g)*m + c, m = grow) hold different shards g of the dense
+    FFN, so each is compared with the experts of its own shard (G = 1: all experts together).
+    group None: the tensors hold every expert; differences are taken relative to the first expert of each shard,
+    so fresh copies give exactly 0. With expert parallelism, `group` is the expert-parallel process group: the
+    mean expert is one all-reduce of the local sums (no parameter gather)."""
+    g, m = granularity, grow
     dist2 = 0.0
     norm2 = 0.0
     for w in tensors.values():
-        w = w.detach().float().reshape(num_local_experts, -1)  # [E_local, F*D]
+        w = w.detach().float().reshape(num_local_experts // (g * m), g, m, -1)     # [E', G, m, f*D]
+        w = w.transpose(0, 1).reshape(g, num_local_experts // g, -1)              # [G, E_local/G, f*D]
         if group is None:
-            base = w[0]
-            delta = w - base  # [E, F*D]
-            mean_delta = delta.mean(dim=0)
-        else:
-            total = w.sum(dim=0)
-            torch.distributed.all_reduce(total, group=group)
-            base, mean_delta = total / num_experts, 0.0  # base: the mean expert [F*D]
+            base = w[:, :1]
             delta = w - base
-        dist2 = dist2 + (delta - mean_delta).square().sum(dim=1)
-        norm2 = norm2 + (base + mean_delta).square().sum()
+            mean_delta = delta.mean(dim=1, keepdim=True)
+        else:
+            total = w.sum(dim=1, keepdim=True)
+            torch.distributed.all_reduce(total, group=group)
+            base, mean_delta = total / (num_experts // g), 0.0   # base: the mean expert of each shard [G, 1, f*D]
+            delta = w - base
+        dist2 = dist2 + (delta - mean_delta).square().sum(dim=-1)
+        norm2 = norm2 + (base + mean_delta).square().sum(dim=-1)
     return dist2, norm2
 
 
-def expert_spread(tensors: Mapping[str, torch.Tensor], num_experts: int) -> float:
-    """Mean over experts of ||W_e - mean_e W|| / ||mean_e W||, W_e = expert e's slices of w1, v1, w2 together.
-    0.0 for fresh copies of the dense FFN; grows as the experts move apart."""
-    dist2, norm2 = expert_spread_sums(tensors, num_experts, num_experts)
+def expert_spread(tensors: Mapping[str, torch.Tensor], num_experts: int, granularity: int = 1,
+                  grow: int = 1) -> float:
+    """Mean over experts of ||W_e - mean W|| / ||mean W||, W_e = expert e's slices of w1, v1, w2 together, the mean
+    taken over the experts of e's shard (fine-grained). 0.0 for fresh copies; grows as the experts move apart."""
+    dist2, norm2 = expert_spread_sums(tensors, num_experts, num_experts, None, granularity, grow)
     return (dist2.sqrt() / norm2.sqrt()).mean().item()

@@ -1,7 +1,9 @@
 """Parameter counting: the one counter (total and active parameters) every part of the project uses. Pure Python.
 
 A model is counted from its parts: embedding, LM head, per-layer parameters shared by all experts (norms,
-attention, router), one expert's FFN, E experts of which K are active per token, L layers, final norm.
+attention, router), one expert's FFN, E experts of which K are active per token, L layers, final norm; with an MoE
+on some blocks only, `dense_layers` of the L layers hold a dense FFN instead (`dense_layer` parameters each, norms
+and attention included). Fine-grained experts are just more, narrower experts (E*G of width F/G, K*G active).
 `study.flops.param_counts` (MPT configs), the benchmark's `ModelShape` (Llama / Mixtral shapes) and its
 measured models (`hf_param_count`, from a transformers config) all go through `ParamCount`.
 """
@@ -22,15 +24,22 @@ class ParamCount:
     top_k: int              # 1 for a dense FFN
     n_layers: int
     final_norm: int
+    dense_layers: int = 0   # of the n_layers, how many keep a dense FFN (MoE on some blocks only)
+    dense_layer: int = 0    # parameters of one such layer (norms, attention, dense FFN)
+
+    @property
+    def moe_layers(self) -> int:
+        return self.n_layers - self.dense_layers
 
     @property
     def total(self) -> int:
         per_layer = self.per_layer_shared + self.num_experts * self.per_expert
-        return self.embedding + self.lm_head + self.n_layers * per_layer + self.final_norm
+        return (self.embedding + self.lm_head + self.moe_layers * per_layer + self.dense_layers * self.dense_layer
+                + self.final_norm)
 
     @property
     def active(self) -> int:
-        return self.total - self.n_layers * (self.num_experts - self.top_k) * self.per_expert
+        return self.total - self.moe_layers * (self.num_experts - self.top_k) * self.per_expert
 
 
 def llama_param_count(d_model: int, n_layers: int, ffn_hidden: int, n_heads: int, n_kv_heads: int, vocab_size: int,

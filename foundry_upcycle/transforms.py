@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from foundry_upcycle.checkpoint_io import require_readable_file
-from foundry_upcycle.config import UpcycleConfig, moe_ffn_config
+from foundry_upcycle.config import UpcycleConfig, moe_model_fields
 from foundry_upcycle.moe_backend import resolve_backend
 
 log = logging.getLogger(__name__)
@@ -73,20 +73,25 @@ def expand(cfg: dict[str, Any], ucfg: UpcycleConfig) -> dict[str, Any]:
     if ucfg.expert_noise_std:
         log.warning('upcycle.expert_noise_std=%s: the upcycled model will not reproduce the dense one at step 0',
                     ucfg.expert_noise_std)
-    if ucfg.router_weights == 'softmax':
+    if ucfg.drop_ratio:
+        log.warning('upcycle.drop_ratio=%s (Drop-Upcycling): each expert re-draws that fraction of its FFN rows, so '
+                    'the upcycled model does not reproduce the dense one at step 0 (by design)', ucfg.drop_ratio)
+    if ucfg.router_weights == 'softmax' and ucfg.grow == 1:
         log.warning('upcycle.router_weights=softmax: no top-k renormalisation, expert outputs scaled by E/K=%g; the '
                     'upcycled model is close to, not equal to, the dense one at step 0 (Mixtral export cannot hold it)',
                     ucfg.expert_output_scale)
     backend = model['ffn_config']['ffn_type'] if 'ffn_config' in model else 'transformers Mixtral'
-    log.info('upcycle: %d experts, top-%d, %s backend, dense weights from %s', ucfg.num_experts, ucfg.top_k,
-             backend, source)
+    log.info('upcycle: %d experts, top-%d, %s backend, %s weights from %s', ucfg.total_experts, ucfg.total_top_k,
+             backend, 'MoE' if ucfg.grow > 1 else 'dense', source)
     return cfg
 
 
 def upcycled_model_config(model: dict[str, Any], ucfg: UpcycleConfig, backend: str) -> dict[str, Any]:
     """A dense MPT `model:` block -> its upcycled MoE block (backend 'torch' or 'megablocks')."""
     model = copy.deepcopy(model)
-    model['ffn_config'] = moe_ffn_config(model, ucfg, backend)
+    if model.get('block_overrides') and ucfg.moe_layers is not None:
+        raise ValueError('upcycle.moe_layers cannot be combined with model.block_overrides (both set per-block configs)')
+    model.update(moe_model_fields(model, ucfg, backend))
     model['name'] = MODEL_NAME
     # mb_dmoe's load-balancing loss is added by foundry itself (moe_loss_weight); torch_dmoe's by our model.
     model['load_balancing_loss_weight'] = ucfg.load_balancing_loss_weight if backend == 'torch' else 0.0
@@ -97,7 +102,7 @@ def upcycled_model_config(model: dict[str, Any], ucfg: UpcycleConfig, backend: s
 def upcycled_hf_model_config(model: dict[str, Any], ucfg: UpcycleConfig) -> tuple[dict[str, Any], str]:
     """A dense `hf_causal_lm` block (Llama / Mistral directory) -> the `hf_upcycle_causal_lm` block, and the
     dense directory the loader tiles from. ValueError naming the key for what transformers' Mixtral cannot hold."""
-    from foundry_upcycle.llama_to_mixtral import read_dense_config
+    from foundry_upcycle.llama_to_mixtral import read_source_config
     path = model.get('pretrained_model_name_or_path')
     if not isinstance(path, str) or not path:
         raise ValueError('model.pretrained_model_name_or_path: missing; name the dense Hugging Face directory')
@@ -107,7 +112,7 @@ def upcycled_hf_model_config(model: dict[str, Any], ucfg: UpcycleConfig) -> tupl
     if not Path(path).expanduser().is_dir():
         raise ValueError(f'model.pretrained_model_name_or_path: {path} is not a local directory (upcycling reads the '
                          'dense safetensors from disk; download or convert the model first)')
-    read_dense_config(path, 'model.pretrained_model_name_or_path')
+    read_source_config(path, ucfg.weights(), 'model.pretrained_model_name_or_path')   # refuses moe_layers, ...
     refused = {'router_weights': ucfg.router_weights != 'renormalized', 'zloss_weight': ucfg.zloss_weight > 0,
                'backend': ucfg.backend == 'megablocks', 'moe_world_size': ucfg.moe_world_size != 1}
     for key, bad in refused.items():
@@ -120,6 +125,7 @@ def upcycled_hf_model_config(model: dict[str, Any], ucfg: UpcycleConfig) -> tupl
     model['name'] = HF_MODEL_NAME
     model['upcycle'] = {'num_experts': ucfg.num_experts, 'top_k': ucfg.top_k,
                         'load_balancing_loss_weight': ucfg.load_balancing_loss_weight}
+    model['upcycle'].update({k: getattr(ucfg, k) for k in ('granularity', 'grow') if getattr(ucfg, k) != 1})
     return model, path
 
 

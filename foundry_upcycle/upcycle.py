@@ -3,11 +3,13 @@
 Used by the `upcycle_loader` callback (streamed into the training model) and `foundry-upcycle convert` (streamed
 to disk); the weight math is `weights.py`. Imports only torch.
 
-Shapes: D d_model, F ffn_hidden_size, E num_experts.
+Shapes: D d_model, F ffn_hidden_size, E num_experts, G granularity (N = E*G experts of width f = F/G).
   dense  ffn.up_proj.weight [F, D], ffn.gate_proj.weight [F, D] (GLU only), ffn.down_proj.weight [D, F]
-  MoE    ffn.router.layer.weight [E, D]
-         ffn.experts.mlp.w1 [E*F, D] (GLU: gate, MLP: up), ffn.experts.mlp.v1 [E*F, D] (GLU: up), ffn.experts.mlp.w2 [E*F, D] (down.T)
+  MoE    ffn.router.layer.weight [N, D]
+         ffn.experts.mlp.w1 [N*f, D] (GLU: gate, MLP: up), ffn.experts.mlp.v1 [N*f, D] (GLU: up), ffn.experts.mlp.w2 [N*f, D] (down.T)
 This layout is shared by llmfoundry's `torch_dmoe` and megablocks' `mb_dmoe` (no biases).
+Per block: a dense block in `moe_layers` is upcycled, one outside it passes through dense; an MoE block of the
+source (grow > 1) has each expert and router row repeated m times (`weights.grown_rows`).
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from foundry_upcycle.jobs import Job, MemorySource, TensorSpec, run_jobs
+from foundry_upcycle.moe_layers import moe_layer_indices
 from foundry_upcycle.weights import (UpcycleWeights, expert_copies, expert_spread, expert_tensor,  # noqa: F401
-                                     router_weight)
+                                     grown_rows, router_weight)
 
 # The GLU matrices under their three names. Llama/Mistral dense MLP -> Mixtral expert: gate_proj [F, D] -> w1,
 # up_proj [F, D] -> w3, down_proj [D, F] -> w2. MegaBlocks / torch_dmoe expert tensor -> dense matrix:
@@ -29,6 +32,7 @@ MEGABLOCKS_TO_DENSE = {'w1': ('gate_proj', False), 'v1': ('up_proj', False), 'w2
 _FFN_KEY = re.compile(r'^(?P<prefix>.*?transformer\.blocks\.)(?P<layer>\d+)\.ffn\.(?P<rest>.+)$')
 _DENSE_PARAMS = ('up_proj.weight', 'gate_proj.weight', 'down_proj.weight')
 _MOE_MARKERS = ('router.layer.weight', 'experts.mlp.w1')
+_MOE_PARAMS = ('router.layer.weight', 'experts.mlp.w1', 'experts.mlp.v1', 'experts.mlp.w2')
 
 
 def split_ffn_keys(names: Iterable[str]) -> tuple[str, dict[int, dict[str, str]]]:
@@ -46,10 +50,15 @@ def split_ffn_keys(names: Iterable[str]) -> tuple[str, dict[int, dict[str, str]]
     return prefixes.pop(), blocks
 
 
+def is_moe_block(specs: Mapping[str, TensorSpec]) -> bool:
+    return any(k in specs for k in _MOE_MARKERS)
+
+
 def check_dense_ffn(layer: int, specs: Mapping[str, TensorSpec]) -> bool:
     """Validates one block's dense FFN ({rest: spec}); returns whether it is a GLU. ValueError for MoE or biases."""
-    if any(k in specs for k in _MOE_MARKERS):
-        raise ValueError(f'block {layer} already has a mixture-of-experts FFN: the checkpoint is MoE, not dense')
+    if is_moe_block(specs):
+        raise ValueError(f'block {layer} already has a mixture-of-experts FFN: the checkpoint is MoE, not dense '
+                         '(upcycle.grow adds experts to an MoE checkpoint)')
     biases = sorted(k for k in specs if k.endswith('.bias'))
     if biases:
         raise ValueError(f'block {layer} has dense FFN biases {biases}, which MoE experts cannot hold')
@@ -67,7 +76,8 @@ def ffn_jobs(source, names: Mapping[str, str], layer: int, opts: UpcycleWeights,
     """One block's MoE jobs: router, w1, (v1), w2, named `{out}router.layer.weight` etc. names: {rest: source name}."""
     glu = check_dense_ffn(layer, {rest: source.specs[n] for rest, n in names.items()})
     up = source.specs[names['up_proj.weight']]
-    (f, d), dtype, E = up.shape, up.dtype, opts.num_experts
+    (f, d), dtype, E = up.shape, up.dtype, opts.num_experts * opts.granularity
+    f //= opts.granularity   # rows per expert; E * f = num_experts * F rows in all
     # (MegaBlocks tensor, dense source, role); 'down' is stored transposed: down.T [F, D]
     roles = [('w1', 'gate_proj.weight', 'gate'), ('v1', 'up_proj.weight', 'up')] if glu else \
         [('w1', 'up_proj.weight', 'up')]
@@ -85,11 +95,54 @@ def ffn_jobs(source, names: Mapping[str, str], layer: int, opts: UpcycleWeights,
     return jobs
 
 
+def grow_jobs(source, names: Mapping[str, str], layer: int, opts: UpcycleWeights, out: str) -> list[Job]:
+    """One MoE block of the source grown m-fold: each expert's rows and its router row repeated m times."""
+    specs = {rest: source.specs[n] for rest, n in names.items()}
+    unknown = sorted(set(specs) - set(_MOE_PARAMS))
+    if unknown or 'router.layer.weight' not in specs or 'experts.mlp.w2' not in specs:
+        raise ValueError(f'block {layer}: unsupported MoE tensors {sorted(specs)} (expected {list(_MOE_PARAMS)}, '
+                         'no biases)')
+    n = specs['router.layer.weight'].shape[0]
+    want = opts.num_experts * opts.granularity
+    if n != want:
+        raise ValueError(f'block {layer} of the MoE checkpoint has {n} experts, but upcycle.num_experts x granularity '
+                         f'= {want}: with grow, the block describes the checkpoint being grown (its recipe\'s block)')
+    jobs = []
+    for rest, spec in specs.items():
+        shape = (spec.shape[0] * opts.grow, *spec.shape[1:])
+        jobs.append(Job((TensorSpec(out + rest, shape, spec.dtype),),
+                        lambda name=names[rest]: [grown_rows(source.read(name), n, opts.grow)]))
+    return jobs
+
+
+def block_jobs(source, names: Mapping[str, str], layer: int, opts: UpcycleWeights, out: str, moe: bool) -> list[Job]:
+    """One block's FFN: upcycled (dense source, an MoE block of the model), grown (MoE source) or passed through
+    (a dense block of the model)."""
+    specs = {rest: source.specs[n] for rest, n in names.items()}
+    if not moe:
+        if is_moe_block(specs):
+            raise ValueError(f'block {layer} is a mixture of experts in the checkpoint but stays dense under '
+                             'upcycle.moe_layers')
+        check_dense_ffn(layer, specs)
+        return [Job((TensorSpec(out + rest, spec.shape, spec.dtype),), lambda n=names[rest]: [source.read(n)])
+                for rest, spec in specs.items()]
+    if is_moe_block(specs):
+        if opts.grow == 1:
+            check_dense_ffn(layer, specs)   # raises: already MoE
+        return grow_jobs(source, names, layer, opts, out)
+    if opts.grow > 1:
+        raise ValueError(f'upcycle.grow={opts.grow}: block {layer} of the checkpoint is dense; grow adds experts to '
+                         'the MoE blocks of an MoE checkpoint (with the same moe_layers)')
+    return ffn_jobs(source, names, layer, opts, out)
+
+
 def mpt_moe_jobs(source, opts: UpcycleWeights, out_prefix: Optional[str] = None) -> list[Job]:
-    """The upcycled model's tensors as lazy jobs over a dense MPT source (any key prefix, e.g. Composer's
-    `model.`), in the source's order: non-FFN tensors pass through, each block's FFN becomes its router and expert
-    tensors. out_prefix replaces the source's key prefix (the part before `transformer.`) in the output names."""
+    """The upcycled model's tensors as lazy jobs over an MPT source (any key prefix, e.g. Composer's `model.`),
+    in the source's order: non-FFN tensors pass through, each block's FFN becomes its router and expert tensors
+    (`block_jobs`). out_prefix replaces the source's key prefix (the part before `transformer.`) in the output
+    names."""
     prefix, blocks = split_ffn_keys(source.specs)
+    moe = set(moe_layer_indices(opts.moe_layers, max(blocks) + 1, 'upcycle.moe_layers'))
     model_prefix = prefix[:-len('transformer.blocks.')]
     out_prefix = model_prefix if out_prefix is None else out_prefix
 
@@ -104,16 +157,17 @@ def mpt_moe_jobs(source, opts: UpcycleWeights, out_prefix: Optional[str] = None)
         elif int(m['layer']) not in done:
             layer = int(m['layer'])
             done.add(layer)
-            jobs += ffn_jobs(source, blocks[layer], layer, opts, rename(f'{prefix}{layer}.ffn.'))
+            jobs += block_jobs(source, blocks[layer], layer, opts, rename(f'{prefix}{layer}.ffn.'), layer in moe)
     return jobs
 
 
 def upcycle_state_dict(state_dict: Mapping[str, torch.Tensor], num_experts: int, router_init_std: float = 0.02,
-                       seed: int = 0, expert_noise_std: float = 0.0,
-                       expert_output_scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """A dense MPT state dict -> its upcycled MoE state dict, all in memory (tests and small models; the loader and
-    `convert` stream the same jobs instead). Non-FFN tensors pass through (sharing memory)."""
-    opts = UpcycleWeights(num_experts, router_init_std, seed, expert_noise_std, expert_output_scale)
+                       seed: int = 0, expert_noise_std: float = 0.0, expert_output_scale: float = 1.0,
+                       **variants) -> dict[str, torch.Tensor]:
+    """A dense (or, with grow, MoE) MPT state dict -> its upcycled MoE state dict, all in memory (tests and small
+    models; the loader and `convert` stream the same jobs instead). Non-FFN tensors pass through (sharing memory).
+    variants: the other `weights.UpcycleWeights` fields (granularity, drop_ratio, grow, moe_layers)."""
+    opts = UpcycleWeights(num_experts, router_init_std, seed, expert_noise_std, expert_output_scale, **variants)
     return run_jobs(mpt_moe_jobs(MemorySource(state_dict), opts))
 
 

@@ -32,7 +32,8 @@ def _import_hf(args: argparse.Namespace) -> int:
     result = import_hf_to_mixtral(
         args.src, args.out, num_experts=args.num_experts, top_k=args.top_k, router_init_std=args.router_init_std,
         seed=args.seed, load_balancing_loss_weight=args.load_balancing_loss_weight, shard_size_mb=args.shard_size_mb,
-        overwrite=args.overwrite, allow_inexact_engines=args.allow_inexact_engines,
+        overwrite=args.overwrite, allow_inexact_engines=args.allow_inexact_engines, granularity=args.granularity,
+        drop_ratio=args.drop_ratio, grow=args.grow,
     )
     print(f'wrote {result.path}: {result.tensors} tensors, {result.bytes_written / 1e9:.3f} GB '
           f'in {result.shards} shard(s)')
@@ -78,7 +79,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser('import-hf', help='upcycle a dense HF Llama/Mistral checkpoint into Mixtral',
-                              description='Stream a dense Hugging Face Llama/Mistral safetensors checkpoint into a '
+                              description='Stream a dense Hugging Face Llama/Mistral safetensors checkpoint (or, '
+                                          'with --grow, a Mixtral) into a '
                                           'Mixtral checkpoint (experts copied from the MLP, random router) that '
                                           "foundry's hf_causal_lm trains with the load-balancing loss on.")
     p.add_argument('--src', required=True, help='dense HF model directory (safetensors, single or sharded)')
@@ -88,6 +90,12 @@ def register(subparsers) -> None:
     p.add_argument('--router-init-std', type=float, default=0.02)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--load-balancing-loss-weight', type=float, default=0.01)
+    p.add_argument('--granularity', type=int, default=1, help='fine-grained: split each copy into G experts of '
+                   'width F/G, routing top-(k*G) (exact; upcycle.granularity)')
+    p.add_argument('--drop-ratio', type=float, default=0.0, help='Drop-Upcycling: re-draw this fraction of each '
+                   "expert's rows (not exact; upcycle.drop_ratio)")
+    p.add_argument('--grow', type=int, default=1, help='--src is a Mixtral: copy each expert (and router row) m times, '
+                   'top-k x m (exact; --num-experts/--top-k/--granularity describe --src)')
     p.add_argument('--shard-size-mb', type=float, default=2048, help='maximum output shard size (default 2048)')
     p.add_argument('--allow-inexact-engines', action='store_true',
                    help='import even when vLLM would compute the result differently (e.g. dynamic rope scaling, or '

@@ -31,8 +31,9 @@ from foundry_upcycle.config import UpcycleConfig
 from foundry_upcycle.export.targets import (ENGINES_FILE, engines_record, refuse_or_warn, vllm_rope_difference,
                                             vllm_versions)
 from foundry_upcycle.export.writer import copy_tokenizer_files, write_sharded
-from foundry_upcycle.llama_to_mixtral import (SOURCE_TYPES, check_tensors, mixtral_config, mixtral_jobs,  # noqa: F401
-                                              read_dense_config, torch_dtype)
+from foundry_upcycle.llama_to_mixtral import (SOURCE_TYPES, check_tensors, hf_upcycle_jobs,  # noqa: F401
+                                              mixtral_config, mixtral_jobs, read_dense_config, torch_dtype,
+                                              upcycled_mixtral_config)
 from foundry_upcycle.reader import SafetensorsSource, hf_weight_files
 
 log = logging.getLogger(__name__)
@@ -50,27 +51,30 @@ class ImportResult:
 def import_hf_to_mixtral(src: str | os.PathLike, out: str | os.PathLike, num_experts: int = 8, top_k: int = 2,
                          router_init_std: float = 0.02, seed: int = 0, load_balancing_loss_weight: float = 0.01,
                          shard_size_mb: float = 2048, overwrite: bool = False, progress: bool = True,
-                         allow_inexact_engines: bool = False) -> ImportResult:
-    """Dense HF Llama/Mistral safetensors dir `src` -> Mixtral dir `out` (written atomically, streamed). A source
-    that vLLM's Mixtral would compute differently is refused like the export does, unless `allow_inexact_engines`."""
+                         allow_inexact_engines: bool = False, granularity: int = 1, drop_ratio: float = 0.0,
+                         grow: int = 1) -> ImportResult:
+    """Dense HF Llama/Mistral safetensors dir `src` -> Mixtral dir `out` (written atomically, streamed); with
+    grow > 1, a Mixtral `src` grown m-fold (num_experts / top_k / granularity then describe `src`). A source that
+    vLLM's Mixtral would compute differently is refused like the export does, unless `allow_inexact_engines`."""
     up = UpcycleConfig(num_experts=num_experts, top_k=top_k, router_init_std=float(router_init_std), seed=seed,
-                       load_balancing_loss_weight=float(load_balancing_loss_weight))
+                       load_balancing_loss_weight=float(load_balancing_loss_weight), granularity=granularity,
+                       drop_ratio=float(drop_ratio), grow=grow)
     if not shard_size_mb > 0:
         raise ValueError(f'shard_size_mb must be > 0, got {shard_size_mb!r}')
     src_dir = Path(src).expanduser()
     source = SafetensorsSource(hf_weight_files(src_dir, 'src'), 'src')
-    dense = read_dense_config(src_dir, 'src')
-    jobs = mixtral_jobs(source, dense, up.weights(), what='src')
+    jobs, dense = hf_upcycle_jobs(src_dir, source, up.weights(), what='src')
     dtype = torch_dtype(source.specs)
     versions = vllm_versions()
     diffs = vllm_differences(dense, versions)
     refuse_or_warn('mixtral import', {f'src config.json {k}': v for k, v in diffs.items()}, allow_inexact_engines, log)
     with atomic_output_dir(out, tag='hf-import', overwrite=overwrite) as tmp:
         paths = write_sharded(tmp, jobs, int(shard_size_mb * 2**20), desc='upcycling to mixtral', progress=progress)
-        mixtral_config(dense, up.num_experts, up.top_k, up.load_balancing_loss_weight, dtype).save_pretrained(str(tmp))
+        upcycled_mixtral_config(dense, up.num_experts, up.top_k, up.granularity, up.grow, up.load_balancing_loss_weight,
+                                dtype).save_pretrained(str(tmp))
         (tmp / ENGINES_FILE).write_text(json.dumps(engines_record('mixtral', diffs, versions), indent=1) + '\n')
         copy_tokenizer_files(src_dir, tmp, extra=('generation_config.json',))
-    log.info('wrote Mixtral (%d experts, top-%d) to %s', num_experts, top_k, out)
+    log.info('wrote Mixtral (%d experts, top-%d) to %s', up.total_experts, up.total_top_k, out)
     return ImportResult(path=Path(out), tensors=sum(len(j.specs) for j in jobs),
                         bytes_written=sum(j.nbytes for j in jobs), bytes_read=_bytes_read(source, dense),
                         shards=len(paths))
@@ -88,5 +92,7 @@ def vllm_differences(dense: Mapping[str, Any], versions=None) -> dict[str, str]:
     return out
 
 
-def _bytes_read(source: SafetensorsSource, dense) -> int:
-    return sum(s.nbytes for s in check_tensors(source.specs, dense).values())
+def _bytes_read(source: SafetensorsSource, cfg) -> int:
+    if cfg.get('model_type') == 'mixtral':
+        return sum(s.nbytes for s in source.specs.values())
+    return sum(s.nbytes for s in check_tensors(source.specs, cfg).values())

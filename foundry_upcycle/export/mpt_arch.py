@@ -32,6 +32,7 @@ INERT_MODEL_KEYS = {
     'use_pad_tok_in_ffn', 'loss_fn', 'tokenizer', 'use_train_metrics', 'additional_train_metrics', 'attn_config',
     'ffn_config', 'pad_token_id', 'bos_token_id', 'eos_token_id',
     'load_balancing_loss_weight', 'router_zloss_weight',  # mpt_upcycle_causal_lm's training losses
+    'expert_granularity', 'expert_grow', 'dense_ffn_config', 'moe_layers',  # variants (moe_layers is refused below)
 }
 INERT_ATTN_KEYS = {'attn_pdrop', 'attn_impl', 'attn_uses_sequence_id', 'kv_n_heads', 'rope_dail_config',
                    'alibi_bias_max'}
@@ -146,6 +147,9 @@ def parse_mpt_config(model_cfg: Mapping[str, Any]) -> tuple[MPTArch, Problems]:
         p.add('no_bias', 'must be true: the targets hold no biases')
     if cfg['attention_bias']:
         p.add('attention_bias', 'must be false: the targets hold no attention biases')
+    if model_cfg.get('moe_layers') is not None:
+        p.add('moe_layers', f'{model_cfg["moe_layers"]}: dense blocks among MoE blocks; Mixtral and DBRX hold a '
+              'mixture of experts in every block (export the model trained with an MoE in every block)')
     for key in ('logit_scale', 'final_logit_softcapping', 'block_overrides'):
         if cfg[key] is not None:
             p.add(key, f'{cfg[key]!r} has no equivalent in the targets (must be null)')

@@ -9,6 +9,7 @@ upcycle={...})`) and its name in `StudyConfig.arms`.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -52,10 +53,52 @@ register(Arm('upcycle', 'upcycle', 'upcycled (MoE)', 'upcycling', '#d62728'))
 DEFAULT_ARMS = ('cpt', 'upcycle')
 
 
+# Variants of the upcycle block by name (`foundry-upcycle study --variants paper,drop0.5,granular2,every2`):
+# family -> (upcycle-block key, value type, label, colours). `paper` is the primary arm, `upcycle`.
+PAPER = 'paper'
+VARIANT_FAMILIES = {
+    'drop': ('drop_ratio', float, 'Drop-Upcycling r={}', ('#2ca02c', '#98df8a')),
+    'granular': ('granularity', int, 'fine-grained G={}', ('#9467bd', '#c5b0d5')),
+    'every': ('moe_layers', int, 'MoE every {} blocks', ('#8c564b', '#c49c94')),
+}
+_VARIANT = re.compile(r'(?P<family>[a-z]+)(?P<value>\d+(?:\.\d+)?)')
+
+
+def variant(name: str) -> Arm:
+    """The arm of a variant name (`drop0.5`, `granular2`, `every2`): the paper's recipe plus one block key."""
+    m = _VARIANT.fullmatch(name)
+    if m is None or m['family'] not in VARIANT_FAMILIES:
+        raise ValueError(f'arm {name!r} is not known; known arms: {sorted(_REGISTRY)}, or a variant '
+                         f'{"|".join(VARIANT_FAMILIES)}<value> (e.g. drop0.5, granular2, every2)')
+    key, kind, label, colours = VARIANT_FAMILIES[m['family']]
+    try:
+        value = kind(m['value'])
+    except ValueError:
+        raise ValueError(f'arm {name!r}: {m["family"]} takes {kind.__name__} values, got {m["value"]!r}') from None
+    from foundry_upcycle.config import UpcycleConfig
+    UpcycleConfig.from_mapping({key: value})    # ValueError naming upcycle.<key> for a bad value
+    colour = colours[sum(1 for a in _REGISTRY if a.startswith(m['family'])) % len(colours)]
+    return Arm(name, 'upcycle', label.format(value), name, colour, upcycle={key: value})
+
+
 def get(name: str) -> Arm:
     if name not in _REGISTRY:
-        raise ValueError(f'arm {name!r} is not known; known arms: {sorted(_REGISTRY)}')
+        register(variant(name))
     return _REGISTRY[name]
+
+
+def variant_arms(names: str | list[str]) -> tuple[str, ...]:
+    """`--variants` -> the study's arms: CPT, the paper's recipe, then each named variant once."""
+    items = [n.strip() for n in (names.split(',') if isinstance(names, str) else names) if n.strip()]
+    out = [BASELINE, PRIMARY]
+    for n in items:
+        n = PRIMARY if n == PAPER else n
+        get(n)
+        if n == BASELINE:
+            raise ValueError('--variants: CPT is always the baseline; list upcycling variants only')
+        if n not in out:
+            out.append(n)
+    return tuple(out)
 
 
 def known() -> list[str]:

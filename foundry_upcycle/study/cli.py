@@ -11,6 +11,7 @@ examples:
   foundry-upcycle study --lr-sweep 1e-3,2e-3,4e-3,8e-3       # another lr grid (each arm's best on validation)
   foundry-upcycle study --pretrain-tokens-per-param 16,64    # two bases: upcycling's gain vs pretraining length
   foundry-upcycle study --router-weights softmax             # ablation: He et al.'s router for the upcycled arm
+  foundry-upcycle study --variants paper,drop0.5,granular2,every2   # the variants against CPT and the paper (~1 h)
   foundry-upcycle study --preset undertrained                # the earlier, under-trained default
   foundry-upcycle study --budgets 0.25,1 --skip-inference    # fewer budgets, no export / inference benchmark
   foundry-upcycle study --generic-dir my/prose --domain-dir my/domain    # your own text folders
@@ -51,6 +52,10 @@ def register(subparsers) -> None:
                    'seed 0 (default 2.8e-3,5.6e-3,1.12e-2,2.24e-2 for the tiny study); each arm trains every budget at '
                    'its best on the validation split, the grid extended past an edge optimum')
     p.add_argument('--no-lr-sweep', action='store_true', help='no lr sweep: the recipes\' lrs (or --lr / --upcycle-lr)')
+    p.add_argument('--variants', metavar='NAME,NAME,...', help='upcycling variants trained beside CPT and the paper\'s '
+                   'recipe (`paper`), each at the same matched FLOPs and seeds, reported against both: dropR '
+                   '(Drop-Upcycling, e.g. drop0.5), granularG (fine-grained experts, e.g. granular2), everyN (MoE on '
+                   'every N-th block, e.g. every2)')
     p.add_argument('--router-weights', choices=('renormalized', 'softmax'), help='ablation: how the upcycled '
                    'router weighs its top-k experts (renormalized: the default, Mixtral-compatible; softmax: He et '
                    'al. 2024, no renormalisation, w2 scaled by E/K)')
@@ -88,6 +93,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
                  'upcycle_lr', 'lr_sweep', 'pretrain_tokens_per_param'):
         if getattr(args, flag) is not None:
             out[flag] = getattr(args, flag)
+    if getattr(args, 'variants', None):
+        from foundry_upcycle.study.arms import variant_arms
+        out['arms'] = list(variant_arms(args.variants))
     if args.router_weights is not None:
         out['upcycle'] = {'router_weights': args.router_weights}
     if args.no_timing:

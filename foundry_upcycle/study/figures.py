@@ -237,11 +237,11 @@ def _router_series(entry: Mapping[str, Any]) -> dict[str, list]:
     return (entry or {}).get('router') or {}
 
 
-def router_summary(results: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    """The largest budget's upcycled run (seed 0): final load per layer and expert, and the curves; None if the
-    runs did not log `router/...` (the `upcycle_router_monitor` callback was not in the recipe)."""
+def router_summary(results: Mapping[str, Any], arm: str = arm_registry.PRIMARY) -> Optional[dict[str, Any]]:
+    """The largest budget's run of an upcycled arm (seed 0): final load per layer and expert, and the curves; None
+    if the runs did not log `router/...` (the `upcycle_router_monitor` callback was not in the recipe)."""
     top = max(budgets_of(results))
-    series = _router_series(find_arm(results, arm_registry.PRIMARY, top))
+    series = _router_series(find_arm(results, arm, top))
     if not series:
         return None
     import re
@@ -260,7 +260,7 @@ def router_summary(results: Mapping[str, Any]) -> Optional[dict[str, Any]]:
     experts = sorted({e for v in load.values() for e in v})
     matrix = [[load[i].get(e, float('nan')) for e in experts] for i in layers]
     return {'budget': top, 'layers': layers, 'experts': experts, 'load': matrix, 'curves': curves,
-            'lbl_total': total_lbl}
+            'lbl_total': total_lbl, 'arm': arm}
 
 
 def plot_router(summary: Mapping[str, Any], path: Path) -> None:
@@ -290,6 +290,8 @@ def plot_router(summary: Mapping[str, Any], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.suptitle(f'Router health, upcycled run at budget {summary["budget"]:g} (seed 0)')
+    arm = summary.get('arm', arm_registry.PRIMARY)
+    what = 'upcycled run' if arm == arm_registry.PRIMARY else arm_registry.label(arm)
+    fig.suptitle(f'Router health, {what} at budget {summary["budget"]:g} (seed 0)')
     _save(fig, path)
 

@@ -109,9 +109,9 @@ def _ffn_hidden(cfg: Mapping[str, Any], ffn: Mapping[str, Any], d_model: int) ->
     return int(hidden)
 
 
-def _ffn_params(cfg: Mapping[str, Any], d_model: int) -> tuple[int, int, int, int]:
-    """(shared params per layer, params per expert, num_experts, top_k) of one FFN layer."""
-    ffn = cfg.get('ffn_config') or {'ffn_type': 'mptmlp'}
+def _ffn_params(cfg: Mapping[str, Any], d_model: int, ffn_key: str = 'ffn_config') -> tuple[int, int, int, int]:
+    """(shared params per layer, params per expert, num_experts, top_k) of one FFN layer (`ffn_key`'s config)."""
+    ffn = cfg.get(ffn_key) or {'ffn_type': 'mptmlp'}
     ffn_type = ffn.get('ffn_type', 'mptmlp')
     hidden = _ffn_hidden(cfg, ffn, d_model)
     bias = not _get(cfg, 'no_bias')
@@ -152,6 +152,7 @@ def param_breakdown(model_cfg: Mapping[str, Any]) -> ParamBreakdown:
     tied = bool(_get(model_cfg, 'tie_word_embeddings'))
     attn_params, attn_width = _attention_params(model_cfg, d_model)
     ffn_shared, per_expert, experts, top_k = _ffn_params(model_cfg, d_model)
+    dense_layers, dense_layer = _dense_layers(model_cfg, d_model, n_layers, experts)
     return ParamBreakdown(
         embedding=embedding,
         lm_head=0 if tied else vocab * d_model,
@@ -162,10 +163,28 @@ def param_breakdown(model_cfg: Mapping[str, Any]) -> ParamBreakdown:
         top_k=top_k,
         n_layers=n_layers,
         final_norm=_norm_params(model_cfg, d_model),
+        dense_layers=dense_layers,
+        dense_layer=dense_layer + 2 * _norm_params(model_cfg, d_model) + attn_params,
         attn_width=attn_width,
         vocab_size=vocab,
         d_model=d_model,
     )
+
+
+def _dense_layers(cfg: Mapping[str, Any], d_model: int, n_layers: int, experts: int) -> tuple[int, int]:
+    """(blocks with a dense FFN, that FFN's params) of an MoE on some blocks only (`moe_layers` +
+    `dense_ffn_config`, mpt_upcycle_causal_lm); (0, 0) otherwise."""
+    moe_layers = cfg.get('moe_layers')
+    if moe_layers is None:
+        return 0, 0
+    if experts == 1 or not isinstance(moe_layers, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers for i in moe_layers):
+        raise ValueError(f'model.moe_layers must list MoE blocks of an MoE model (0..{n_layers - 1}), '
+                         f'got {moe_layers!r}')
+    shared, per_expert, e, _ = _ffn_params(cfg, d_model, 'dense_ffn_config')
+    if e != 1:
+        raise ValueError('model.dense_ffn_config must be a dense FFN (mptglu / mptmlp)')
+    return n_layers - len(set(moe_layers)), shared + per_expert
 
 
 def param_counts(model_cfg: Mapping[str, Any]) -> tuple[int, int]:

@@ -59,9 +59,9 @@ def build_recipe(cfg: StudyConfig, spec: RunSpec, placeholders: bool = False) ->
 
 def moe_model_config(dense_model: Mapping[str, Any], upcycle_block: Mapping[str, Any]) -> dict[str, Any]:
     """The MoE model block the upcycle block turns `dense_model` into (for FLOPs and validation; torch backend)."""
-    from foundry_upcycle.config import UpcycleConfig, moe_ffn_config
+    from foundry_upcycle.config import UpcycleConfig, moe_model_fields
     model = copy.deepcopy(dict(dense_model))
-    model['ffn_config'] = moe_ffn_config(model, UpcycleConfig.from_mapping(upcycle_block), 'torch')
+    model.update(moe_model_fields(model, UpcycleConfig.from_mapping(upcycle_block), 'torch'))
     return model
 
 

@@ -16,6 +16,7 @@ from foundry_upcycle.study.results_view import arm_names, budgets_of, check_resu
 from foundry_upcycle.study.sections import (ce_winner, epoch_lines, eval_set_lines, fmt, fmt_int, lr_lines,
                                             regime_lines, router_lines, table, test_lines, timing_lines,
                                             verdict_lines)
+from foundry_upcycle.study.variant_table import router_figure, variant_arms, variant_lines
 
 __all__ = ['write_report', 'render_markdown', 'ce_winner', 'FIGURES', 'ROUTER_FIGURE', 'router_summary',
            'check_results']
@@ -114,6 +115,8 @@ def render_markdown(results: Mapping[str, Any], figures: Mapping[str, str],
         '',
         *verdict_lines(results, 'core_average'),
         '',
+        *(['## Upcycling variants: each against CPT and against the paper\'s recipe', '', *variants, '']
+          if (variants := variant_lines(results, router is not None)) else []),
         '## Learning rates',
         '',
         *lr_lines(results),
@@ -178,6 +181,10 @@ def write_report(results: dict, out_dir, extra_sections: Sequence[str] = ()) -> 
     router = router_summary(results)
     if router is not None:
         plot_router(router, out / ROUTER_FIGURE)
+    for arm in variant_arms(results):        # each variant's router health (fine-grained: E*G experts)
+        summary = router_summary(results, arm)
+        if summary is not None:
+            plot_router(summary, out / router_figure(arm))
     text = render_markdown(results, FIGURES, extra_sections, router)
     report = out / 'report.md'
     atomic_write(str(report), lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))

@@ -20,6 +20,7 @@ from foundry_upcycle.study.training import MIN_TAIL_STEPS, TAIL_FRACTION
 from foundry_upcycle.study.verdicts import comparisons
 
 SCHEMA = 3                 # 3: comparisons per arm ({arm: {budget: {metric: ...}}}) by the paired test; test splits
+#                            (and comparisons_vs_paper: each variant against the paper's recipe, same shape)
 EVAL_METRICS = ('ce_generic', 'ce_domain', 'ce_domain_val', 'core_average')
 HELDOUT_REPORTED = ('domain', 'generic')       # the test splits whose per-document losses each seed keeps
 WALL_CLOCK_FIELDS = ('wall_clock', 'timing', 'arms[].tokens_per_s', 'arms[].step_time_s', 'arms[].train_seconds',
@@ -152,6 +153,9 @@ def build_results(study, dense, dense_eval, runs: Mapping, evals: Mapping, lrs: 
         'dense': dense_entry,
         'arms': entries,
         'comparisons': comparisons(entries, list(cfg.budgets), cfg.arms, sets),
+        'comparisons_vs_paper': comparisons(entries, list(cfg.budgets),
+                                            tuple(a for a in cfg.arms if a != arm_registry.BASELINE), sets,
+                                            base=arm_registry.PRIMARY),
         'regime': regime(dense_entry, entries, vocab, plan.pretrain_lr, lrs),
         'timing': dict(timing.outputs) if timing is not None else None,
         'wall_clock': {'stages_s': wall},

@@ -4,6 +4,8 @@ of `study/stats.py` (seeds paired; the held-out set's own noise from its documen
 `comparisons(entries, budgets, names, eval_sets)` -> {arm: {budget: {metric: verdict}}} (results.json
 `comparisons`); each verdict holds the gap (arm - baseline), its 95% interval, its parts and the test's name, and
 `winner`: the arm, the baseline, 'tie' (the interval holds 0) or 'n/a' (fewer than 2 seeds, or a value missing).
+The same against the paper's recipe for the variants (`comparisons(..., base='upcycle')`, results.json
+`comparisons_vs_paper`).
 """
 from __future__ import annotations
 
@@ -82,9 +84,10 @@ def compare(arm: Mapping[str, Any], base: Mapping[str, Any], metric: str,
 
 def comparisons(entries: Sequence[Mapping[str, Any]], budgets: Sequence[float],
                 names: Sequence[str] = arm_registry.DEFAULT_ARMS,
-                eval_sets: Optional[Mapping[str, Mapping[str, Any]]] = None) -> dict[str, dict[str, dict[str, Any]]]:
-    """{arm: {budget: {metric: verdict}}} for every arm but the baseline, against it."""
-    base = arm_registry.BASELINE
+                eval_sets: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                base: str = arm_registry.BASELINE) -> dict[str, dict[str, dict[str, Any]]]:
+    """{arm: {budget: {metric: verdict}}} for every arm of `names` but `base`, against `base` (CPT; the paper's
+    recipe for the variants)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for arm in names:
         if arm == base:
