@@ -287,8 +287,8 @@ class Study:
     def _count_stages(self) -> int:
         cfg = self.cfg
         runs = sum(cfg.seeds_at(b) for b in cfg.budgets) * len(cfg.arms)
-        sweep = 2 * len(cfg.arms) * (len(cfg.lr_grid) + ({'both': 3, 'up': 2}.get(cfg.lr_check, 0) if cfg.lr_grid
-                                                         else 0))
+        check = {'both': 3, 'up': 2}.get(cfg.lr_check, 0)        # runs per arm at the largest budget (one reused)
+        sweep = 2 * len(cfg.arms) * (len(cfg.lr_grid) + cfg.lr_extend + check) if cfg.lr_grid else 0
         return 2 + 2 * runs + 1 + sweep + int(cfg.timing) + 1 + (0 if cfg.inference.skip else 2) + 1
 
     def _run(self) -> dict[str, Any]:
