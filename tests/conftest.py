@@ -39,6 +39,21 @@ def pytest_runtest_setup(item):
     return result
 
 
+@pytest.fixture(autouse=True)
+def release_streaming():
+    """After each test: stop the streaming datasets it left iterating and close their shared memory. Streaming
+    keeps both until the process exits (`foundry_upcycle/study/streaming_memory.py`); over the whole suite the
+    session ran out of file descriptors (1024) without this."""
+    yield
+    import gc
+    import sys
+    if 'streaming' in sys.modules:
+        from streaming import StreamingDataset
+        from foundry_upcycle.study.streaming_memory import release
+        gc.collect()
+        release([o for o in gc.get_objects() if issubclass(type(o), StreamingDataset)])
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (the OS picks it), for a `composer -n N --master_port`."""
     import socket

@@ -32,7 +32,7 @@ DENSE = {'d_model': 256, 'n_heads': 4, 'n_layers': 2, 'max_seq_len': 128, 'vocab
          'ffn_config': {'ffn_type': 'mptglu', 'ffn_act_fn': {'name': 'silu'}}, 'loss_fn': 'torch_crossentropy'}
 UCFG = UpcycleConfig(num_experts=8, top_k=2, load_balancing_loss_weight=0.01)
 # The numbers behind these: docs/benchmarks.md, "GPU check" (CPU proxy, negative control, GPU when measured).
-TOL = {'logits': 0.12, 'loss': 3e-4, 'lbl': 1e-3, 'grad': 0.3, 'param': 5e-2}
+TOL = {'logits': 0.12, 'loss': 5e-4, 'lbl': 2e-3, 'grad': 0.36, 'param': 5e-2}
 CONTROL_MARGIN = 3  # the negative control must exceed every tolerance by this factor
 
 

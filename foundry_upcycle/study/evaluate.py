@@ -220,6 +220,8 @@ class EvalSession:
             out = self._results(None, heldout)
         del model
         gc.collect()
+        from foundry_upcycle.study.streaming_memory import release
+        release()                               # orphaned attachments of the held-out splits' prefix search
         return out
 
     def _results(self, state, heldout: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

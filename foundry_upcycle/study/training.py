@@ -38,7 +38,9 @@ def train_run(run_cfg: dict[str, Any], work: Path, nproc: int, progress: bool) -
     if nproc == 1:
         from omegaconf import OmegaConf as om
         from llmfoundry.command_utils import train
+        from foundry_upcycle.study.streaming_memory import release, trainer_datasets
         trainer = train(om.create(copy.deepcopy(run_cfg)))
+        release(trainer_datasets(trainer))      # a worker trains many runs: streaming would keep each run's fds
         trainer.close()
         del trainer
         gc.collect()
