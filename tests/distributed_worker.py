@@ -96,6 +96,7 @@ def run_mode(name: str, cfg: dict, out: Path, env: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from conftest import logged, run_train
+    from foundry_upcycle.study.streaming_memory import release, trainer_datasets
     _record_reads()
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -125,6 +126,7 @@ def run_mode(name: str, cfg: dict, out: Path, env: dict) -> dict:
                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.get_global_rank() == 0:
             torch.save({k: v.clone() for k, v in params.items()}, out / f'{name}.params.pt')
+        release(trainer_datasets(trainer))      # one process trains every mode: streaming would keep each one's fds
         trainer.close()
     except Exception as e:  # recorded for the test; the other rank usually fails the same way
         result = {'error': f'{type(e).__name__}: {e}', 'traceback': traceback.format_exc()[-4000:]}

@@ -228,7 +228,9 @@ def test_our_foundry_rule_equals_foundrys_eval_gauntlet(accuracies):
     ours = gauntlet_scores(accuracies)
     assert theirs['icl/metrics/eval_gauntlet/core_average'] == pytest.approx(ours['core_average_foundry'], rel=1e-6)
     for cat, entry in ours['categories'].items():
-        assert theirs.get(f'icl/metrics/eval_gauntlet/{cat}') == pytest.approx(entry['score_foundry'], rel=1e-6)
+        want = entry['score_foundry']          # None: a category foundry drops (newer pytest refuses approx(None))
+        got = theirs.get(f'icl/metrics/eval_gauntlet/{cat}')
+        assert got is None if want is None else got == pytest.approx(want, rel=1e-6), (cat, got, want)
     if len(accuracies) == len(G.BENCHMARKS):
         assert ours['core_average'] == pytest.approx(ours['core_average_foundry'])
 
