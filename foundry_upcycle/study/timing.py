@@ -84,7 +84,8 @@ def measure_step_times(models: Mapping[str, Mapping[str, Any]], tokenizer_dir: s
         for arm, cfg in models.items():
             torch.manual_seed(0)
             model = _build(cfg, tok)
-            steps[arm] = _step_fn(model, batch_size, seq_len, int(cfg['vocab_size']), seed=0)
+            vocab = int(cfg.get('vocab_size') or model.model.config.vocab_size)   # an hf_causal_lm block has none
+            steps[arm] = _step_fn(model, batch_size, seq_len, vocab, seed=0)
         load_before = load_average()
         times, cpu = interleave(steps, warmup, rounds, steps_per_round)
         load_after = load_average()
