@@ -134,6 +134,7 @@ def test_flops_of_a_transformers_config_match_the_built_models(llama_dir):
     ({'scale': '436m'}, r'hf_base: scale 436m does not apply'),
     ({'upcycle': {'router_weights': 'softmax'}}, r'upcycle.router_weights=.softmax.: not available with hf_causal_lm'),
     ({'hf_base': '/nonexistent/llama'}, r'hf_base: /nonexistent/llama is not a Hugging Face model directory'),
+    ({'hf_bas': '/x'}, r"study config: unknown key\(s\) \['hf_bas'\]"),
 ])
 def test_bad_real_base_input_is_refused_before_any_training(text_dirs, llama_dir, tmp_path, changes, match):  # noqa: F811
     out = tmp_path / 'out'
@@ -142,10 +143,16 @@ def test_bad_real_base_input_is_refused_before_any_training(text_dirs, llama_dir
     assert not out.exists() or [p.name for p in out.iterdir()] == [], list(out.iterdir())
 
 
-def test_a_family_mixtral_cannot_hold_is_refused_naming_the_key(text_dirs, llama_dir, tmp_path):  # noqa: F811
-    qwen = tmp_path / 'qwen'
-    shutil.copytree(llama_dir, qwen)
-    cfg = json.loads((qwen / 'config.json').read_text())
-    (qwen / 'config.json').write_text(json.dumps({**cfg, 'attention_bias': True}))
-    with pytest.raises(ValueError, match=r'attention_bias=true: Mixtral holds no biases'):
-        P.Study(hf_config(text_dirs, qwen, tmp_path / 'out')).run()
+@pytest.mark.parametrize('changes, match', [
+    ({'attention_bias': True}, r'attention_bias=true: Mixtral holds no biases'),
+    ({'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel']},
+     r"model_type 'gpt2' \(GPT2LMHeadModel\) cannot be upcycled into Mixtral exactly: not a Llama-family layout"),
+])
+def test_a_family_mixtral_cannot_hold_is_refused_naming_it(text_dirs, llama_dir, tmp_path, changes, match):  # noqa: F811
+    other = tmp_path / 'other'
+    shutil.copytree(llama_dir, other)
+    cfg = json.loads((other / 'config.json').read_text())
+    (other / 'config.json').write_text(json.dumps({**cfg, **changes}))
+    with pytest.raises(ValueError, match=match):
+        P.Study(hf_config(text_dirs, other, tmp_path / 'out')).run()
+    assert not (tmp_path / 'out').exists() or not list((tmp_path / 'out').iterdir())
