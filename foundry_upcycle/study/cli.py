@@ -68,16 +68,16 @@ def register(subparsers) -> None:
     g.add_argument('--generic-dir', help='your generic text folder for dense pretraining (default: built-in plays)')
     g.add_argument('--domain-dir', help='your domain text folder for CPT / upcycling (default: built-in code + prose)')
     g = p.add_argument_group('a real base')
-    g.add_argument('--hf-base', metavar='DIR', help='a dense Hugging Face Llama / Mistral directory as the base (no '
-                   'pretraining here): CPT vs upcycling of it with yamls/hf on the built-in data in its own tokenizer; '
-                   'needs --pretrain-tokens (what it was pretrained on; budgets are fractions of those FLOPs)')
+    g.add_argument('--hf-base', metavar='DIR', help='a dense Hugging Face Llama / Mistral directory as the base '
+                   '(no pretraining here): CPT vs upcycling of it with yamls/hf on the built-in data in its own '
+                   'tokenizer; needs --pretrain-tokens (what it was pretrained on; budgets: fractions of those FLOPs)')
     g = p.add_argument_group('paper scale (436m / 1.4b)')
     g.add_argument('--mds-dir', help='domain-mix MDS data with train/ and val/')
     g.add_argument('--generic-mds-dir', help='optional generic MDS data with val/ (held-out generic CE)')
     g.add_argument('--tokenizer', help='Hugging Face tokenizer folder')
     g.add_argument('--dense-checkpoint', help='the dense Composer checkpoint to start from (skips pretraining)')
-    g.add_argument('--pretrain-tokens', type=_tokens, help='tokens the dense checkpoint (or --hf-base) was pretrained '
-                   'on (e.g. 43600000000 or 4.36e10)')
+    g.add_argument('--pretrain-tokens', type=_tokens, help='tokens the dense checkpoint (or --hf-base) was '
+                   'pretrained on (e.g. 43600000000 or 4.36e10)')
     g.add_argument('--nproc', type=int, help='processes per training run (composer -n N); default: visible GPUs')
     g = p.add_argument_group('evaluation and inference')
     g.add_argument('--eval-data', metavar='PATH', help='llm-foundry scripts/eval/local_data checkout for the ICL '

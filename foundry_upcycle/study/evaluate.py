@@ -207,7 +207,8 @@ class EvalSession:
                 trainer = Trainer(model=model, precision='amp_bf16' if torch.cuda.is_available() else 'fp32',
                                   progress_bar=False, log_to_console=False, loggers=[], seed=0)
             try:
-                bar = tqdm(evaluators, desc=f'eval {Path(checkpoint or cfg.get("pretrained_model_name_or_path", "")).name}', unit='task', disable=not self.progress)
+                what = Path(checkpoint or cfg.get('pretrained_model_name_or_path', '')).name
+                bar = tqdm(evaluators, desc=f'eval {what}', unit='task', disable=not self.progress)
                 for evaluator in bar:
                     bar.set_postfix_str(evaluator.label)
                     t0 = time.time()
