@@ -156,3 +156,15 @@ def test_a_family_mixtral_cannot_hold_is_refused_naming_it(text_dirs, llama_dir,
     with pytest.raises(ValueError, match=match):
         P.Study(hf_config(text_dirs, other, tmp_path / 'out')).run()
     assert not (tmp_path / 'out').exists() or not list((tmp_path / 'out').iterdir())
+
+
+def test_a_tiny_budget_on_a_real_base_is_not_called_the_papers_regime():
+    """A real base (over-trained, far below chance) at the budgets a CPU affords is no test of the paper's claim."""
+    from foundry_upcycle.study.regime import regime
+    dense = {'pretrain_tokens': 2 * 10**12, 'params': 134_515_008, 'eval': {'ce_domain': 3.46}}
+    arms = [{'arm': a, 'budget': 3e-9, 'tokens': 6144, 'eval': {'ce_domain': 3.38}} for a in ('cpt', 'upcycle')]
+    r = regime(dense, arms, 49152, None, {'cpt': 5e-5, 'upcycle': 1e-4})
+    assert not r['tests_paper_claim'] and r['why_not'] == [
+        "the largest budget, 3e-09 of the base's pretraining FLOPs, is far below the paper's 0.1-1.0: phase 2 barely "
+        'moves the base']
+    assert regime(dense, [{**a, 'budget': 0.1} for a in arms], 49152, None, {'cpt': 5e-5})['tests_paper_claim']

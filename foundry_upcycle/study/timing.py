@@ -52,7 +52,9 @@ def _step_fn(model, batch_size: int, seq_len: int, vocab: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
     batch = {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': ids.clone()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # one tensor at a time, as Composer's DecoupledAdamW steps (foreach would hold extra copies of every parameter:
+    # a real base's MoE beside its dense model ran out of 24 GB with it)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
     model.train()
 
     def step() -> tuple[float, float]:
