@@ -15,8 +15,8 @@ examples:
   foundry-upcycle study --preset undertrained                # the earlier, under-trained default
   foundry-upcycle study --budgets 0.25,1 --skip-inference    # fewer budgets, no export / inference benchmark
   foundry-upcycle study --generic-dir my/prose --domain-dir my/domain    # your own text folders
-  foundry-upcycle study --hf-base smollm2-hf --pretrain-tokens 2e12 --budgets 1e-7 \\
-      --lr-sweep 5e-5,2e-4 --seeds 2     # a real dense HF Llama as the base (README: Upcycle a real model)
+  foundry-upcycle study --hf-base smollm2-hf --pretrain-tokens 2e12 --budgets 3e-8 --seeds 1 \\
+      --seeds-other 1 --no-lr-sweep --skip-inference   # a real dense HF Llama as the base (README: The study)
   foundry-upcycle study --scale 436m --mds-dir my-mds --tokenizer my-tok \\
       --dense-checkpoint dense.pt --pretrain-tokens 43600000000 --nproc 8     # paper shapes on a GPU node
 
