@@ -53,6 +53,7 @@ class ComposerHFUpcycleCausalLM(ComposerHFCausalLM):
         finally:
             _BUILDING.reset(token)
         self.load_balancing_loss_weight = float(options['load_balancing_loss_weight'])
+        self.expert_layout = (int(options['granularity']), int(options['grow']))   # the router monitor's spread
 
     @classmethod
     def build_config(cls, pretrained_model_name_or_path: str, trust_remote_code: bool, use_auth_token: bool,

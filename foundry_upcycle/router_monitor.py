@@ -1,7 +1,8 @@
 """Registered callback `upcycle_router_monitor`: router health of every MoE layer, through Composer's loggers.
 
 Add it to any recipe with a `torch_dmoe` / `mb_dmoe` model (every variant of the upcycle block: fine-grained E*G
-experts, MoE on some blocks only (logged under their block index), grown, Drop-Upcycling):
+experts, MoE on some blocks only (logged under their block index), grown, Drop-Upcycling) or a transformers Mixtral
+(`hf_upcycle_causal_lm`: each layer's `block_sparse_moe`, router `gate`, experts `experts[e].{w1, w3, w2}`):
 
     callbacks:
       upcycle_router_monitor: {interval: 10}
@@ -39,16 +40,27 @@ log = logging.getLogger(__name__)
 
 # FSDP / activation-checkpoint wrappers insert `_fsdp_wrapped_module.` etc. between the block index and `ffn`.
 _MOE_LAYER = re.compile(r'(?:^|\.)blocks\.(?P<layer>\d+)\.(?:.*\.)?ffn$')
+_MIXTRAL_LAYER = re.compile(r'(?:^|\.)layers\.(?P<layer>\d+)\.(?:.*\.)?block_sparse_moe$')
+_MIXTRAL_TENSORS = ('w1', 'w3', 'w2')   # gate, up, down of each transformers Mixtral expert
 
 
 def moe_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """{block index: MoE FFN module (with .router.layer and .experts.mlp)} of an MPT model, wrappers or not."""
+    """{block index: MoE FFN module} of an MPT model (with .router.layer and .experts.mlp) or a transformers Mixtral
+    (with .gate and .experts), wrappers or not."""
     out = {}
     for name, module in model.named_modules():
         m = _MOE_LAYER.search(name)
         if m and hasattr(module, 'router') and hasattr(module, 'experts'):
             out.setdefault(int(m['layer']), module)
+        m = _MIXTRAL_LAYER.search(name)
+        if m and hasattr(module, 'gate') and hasattr(module, 'experts'):
+            out.setdefault(int(m['layer']), module)
     return out
+
+
+def _router_linear(ffn: torch.nn.Module) -> torch.nn.Module:
+    """The linear layer whose output is the router logits [T, E]."""
+    return ffn.gate if hasattr(ffn, 'gate') else ffn.router.layer
 
 
 class RouterMonitor(Callback):
@@ -71,13 +83,12 @@ class RouterMonitor(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         layers = moe_layers(state.model)
         if not layers:
-            raise ValueError('callbacks.upcycle_router_monitor: the model has no MoE layers (torch_dmoe / mb_dmoe)')
-        ffn_config = _ffn_config(state.model)
-        self._top_k = int(ffn_config['moe_top_k'])
-        self._num_experts = int(ffn_config['moe_num_experts'])
+            raise ValueError('callbacks.upcycle_router_monitor: the model has no MoE layers (torch_dmoe / mb_dmoe, or '
+                             'a transformers Mixtral)')
+        self._top_k, self._num_experts = _routing_shape(state.model)
         self._layout = _shard_layout(state.model)
         for i, ffn in layers.items():
-            self._handles.append(ffn.router.layer.register_forward_hook(self._router_hook(i)))
+            self._handles.append(_router_linear(ffn).register_forward_hook(self._router_hook(i)))
             self._handles.append(ffn.register_forward_hook(self._spread_hook(i)))
         log.info('upcycle_router_monitor: %d MoE layers, logging every %d batches', len(layers), self.interval)
 
@@ -124,7 +135,8 @@ class RouterMonitor(Callback):
             if not (self._armed and self._measure_spread and module.training) or layer in self._spread:
                 return
             with torch.no_grad():
-                self._spread[layer] = _layer_spread(module.experts.mlp, self._num_experts, *self._layout)
+                self._spread[layer] = (_mixtral_spread(module.experts, *self._layout) if hasattr(module, 'gate') else
+                                       _layer_spread(module.experts.mlp, self._num_experts, *self._layout))
 
         return hook
 
@@ -169,23 +181,40 @@ def _layer_spread(mlp: torch.nn.Module, num_experts: int, granularity: int = 1, 
     return ratio_sum / num_experts
 
 
+def _mixtral_spread(experts: torch.nn.ModuleList, granularity: int = 1, grow: int = 1) -> torch.Tensor:
+    """Expert spread of one transformers Mixtral layer: its experts' w1, w3, w2 stacked to [E, ...] (every expert
+    is on every rank: FSDP has the layer unsharded in its forward)."""
+    n = len(experts)
+    tensors = {name: torch.stack([getattr(e, name).weight for e in experts]) for name in _MIXTRAL_TENSORS}
+    dist2, norm2 = expert_spread_sums(tensors, n, n, None, granularity, grow)
+    return (dist2.sqrt() / norm2.sqrt()).sum() / n
+
+
 def _mpt_config(model: torch.nn.Module) -> Any:
     model = getattr(model, 'module', model)  # DistributedDataParallel
     return getattr(getattr(model, 'model', model), 'config', None)
 
 
 def _shard_layout(model: torch.nn.Module) -> tuple[int, int]:
-    """(granularity, grow) of fine-grained experts (mpt_upcycle_causal_lm's `expert_granularity` / `expert_grow`)."""
+    """(granularity, grow) of fine-grained experts (mpt_upcycle_causal_lm's `expert_granularity` / `expert_grow`;
+    hf_upcycle_causal_lm's `expert_layout`)."""
+    layout = getattr(getattr(model, 'module', model), 'expert_layout', None)
+    if layout is not None:
+        return int(layout[0]), int(layout[1])
     config = _mpt_config(model)
     return int(getattr(config, 'expert_granularity', None) or 1), int(getattr(config, 'expert_grow', None) or 1)
 
 
-def _ffn_config(model: torch.nn.Module) -> dict[str, Any]:
+def _routing_shape(model: torch.nn.Module) -> tuple[int, int]:
+    """(top_k, number of experts) from the model's config: MPT's ffn_config or a Mixtral config."""
     config = _mpt_config(model)
+    if getattr(config, 'model_type', None) == 'mixtral':
+        return int(config.num_experts_per_tok), int(config.num_local_experts)
     ffn_config = getattr(config, 'ffn_config', None)
     if not ffn_config or 'moe_top_k' not in ffn_config:
-        raise ValueError('callbacks.upcycle_router_monitor: model.ffn_config has no moe_top_k (not an MPT MoE)')
-    return ffn_config
+        raise ValueError('callbacks.upcycle_router_monitor: model.ffn_config has no moe_top_k (not an MPT MoE or a '
+                         'Mixtral)')
+    return int(ffn_config['moe_top_k']), int(ffn_config['moe_num_experts'])
 
 
 def _is_last_batch(state: State, index: int) -> bool:

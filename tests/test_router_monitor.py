@@ -83,3 +83,29 @@ def test_monitor_interval_is_validated(interval):
     from foundry_upcycle.router_monitor import RouterMonitor
     with pytest.raises(ValueError, match='upcycle_router_monitor.interval'):
         RouterMonitor(interval=interval)
+
+
+def test_monitor_reads_a_transformers_mixtral():
+    """hf_upcycle_causal_lm's model: each layer's block_sparse_moe is found, its `gate` gives the router logits, and
+    the expert spread of copied experts is 0 until one expert moves (the same number as the MPT layout gives)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from foundry_upcycle import router_monitor as rm
+    from foundry_upcycle.router_stats import expert_spread
+    cfg = MixtralConfig(vocab_size=32, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+    model = MixtralForCausalLM(cfg)
+    wrapper = torch.nn.Module()
+    wrapper.model, wrapper.expert_layout = model, (1, 1)
+    layers = rm.moe_layers(wrapper)
+    assert sorted(layers) == [0, 1] and all(rm._router_linear(m) is m.gate for m in layers.values())
+    assert rm._routing_shape(wrapper) == (2, 4) and rm._shard_layout(wrapper) == (1, 1)
+    experts = layers[1].experts
+    with torch.no_grad():
+        for e in experts[1:]:
+            for name in ('w1', 'w2', 'w3'):
+                getattr(e, name).weight.copy_(getattr(experts[0], name).weight)
+        assert rm._mixtral_spread(experts) == 0.0
+        experts[2].w3.weight.add_(0.5)
+    mpt_layout = {'w1': torch.cat([e.w1.weight for e in experts]), 'v1': torch.cat([e.w3.weight for e in experts]),
+                  'w2': torch.cat([e.w2.weight.t() for e in experts])}       # [E*F, D] each, as MPT holds them
+    assert math.isclose(rm._mixtral_spread(experts).item(), expert_spread(mpt_layout, 4), rel_tol=1e-5)

@@ -15,6 +15,8 @@ examples:
   foundry-upcycle study --preset undertrained                # the earlier, under-trained default
   foundry-upcycle study --budgets 0.25,1 --skip-inference    # fewer budgets, no export / inference benchmark
   foundry-upcycle study --generic-dir my/prose --domain-dir my/domain    # your own text folders
+  foundry-upcycle study --hf-base smollm2-hf --pretrain-tokens 2e12 --budgets 3e-8 --seeds 1 \\
+      --seeds-other 1 --no-lr-sweep --skip-inference   # a real dense HF Llama as the base (README: The study)
   foundry-upcycle study --scale 436m --mds-dir my-mds --tokenizer my-tok \\
       --dense-checkpoint dense.pt --pretrain-tokens 43600000000 --nproc 8     # paper shapes on a GPU node
 
@@ -51,6 +53,9 @@ def register(subparsers) -> None:
     p.add_argument('--lr-sweep', metavar='LR,LR,...', help='the phase-2 lr grid each arm is tried at, smallest budget, '
                    'seed 0 (default 2.8e-3,5.6e-3,1.12e-2,2.24e-2 for the tiny study); each arm trains every budget at '
                    'its best on the validation split, the grid extended past an edge optimum')
+    p.add_argument('--lr-extend', type=int, help='grid steps added past an edge optimum, per arm (default 2)')
+    p.add_argument('--lr-check', choices=('up', 'both', 'off'), help='check the lr choice at the largest budget, '
+                   'seed 0, at the grid neighbour above (up, the default), both neighbours, or not (off)')
     p.add_argument('--no-lr-sweep', action='store_true', help='no lr sweep: the recipes\' lrs (or --lr / --upcycle-lr)')
     p.add_argument('--variants', metavar='NAME,NAME,...', help='upcycling variants trained beside CPT and the paper\'s '
                    'recipe (`paper`), each at the same matched FLOPs and seeds, reported against both: dropR '
@@ -62,12 +67,17 @@ def register(subparsers) -> None:
     g = p.add_argument_group('data (tiny scale)')
     g.add_argument('--generic-dir', help='your generic text folder for dense pretraining (default: built-in plays)')
     g.add_argument('--domain-dir', help='your domain text folder for CPT / upcycling (default: built-in code + prose)')
+    g = p.add_argument_group('a real base')
+    g.add_argument('--hf-base', metavar='DIR', help='a dense Hugging Face Llama / Mistral directory as the base '
+                   '(no pretraining here): CPT vs upcycling of it with yamls/hf on the built-in data in its own '
+                   'tokenizer; needs --pretrain-tokens (what it was pretrained on; budgets: fractions of those FLOPs)')
     g = p.add_argument_group('paper scale (436m / 1.4b)')
     g.add_argument('--mds-dir', help='domain-mix MDS data with train/ and val/')
     g.add_argument('--generic-mds-dir', help='optional generic MDS data with val/ (held-out generic CE)')
     g.add_argument('--tokenizer', help='Hugging Face tokenizer folder')
     g.add_argument('--dense-checkpoint', help='the dense Composer checkpoint to start from (skips pretraining)')
-    g.add_argument('--pretrain-tokens', type=int, help='tokens the dense checkpoint was pretrained on')
+    g.add_argument('--pretrain-tokens', type=_tokens, help='tokens the dense checkpoint (or --hf-base) was '
+                   'pretrained on (e.g. 43600000000 or 4.36e10)')
     g.add_argument('--nproc', type=int, help='processes per training run (composer -n N); default: visible GPUs')
     g = p.add_argument_group('evaluation and inference')
     g.add_argument('--eval-data', metavar='PATH', help='llm-foundry scripts/eval/local_data checkout for the ICL '
@@ -85,12 +95,23 @@ def register(subparsers) -> None:
     p.set_defaults(func=handler)
 
 
+def _tokens(text: str) -> int:
+    """A token count: an integer, or a whole number written as a float (2e12)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number of tokens') from None
+    if not value.is_integer() or value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole, positive number of tokens')
+    return int(value)
+
+
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The config keys the flags set (only flags given on the command line)."""
     out: dict[str, Any] = {}
     for flag in ('out', 'scale', 'budgets', 'seed', 'pretrain_steps', 'mds_dir', 'generic_mds_dir', 'tokenizer',
                  'dense_checkpoint', 'pretrain_tokens', 'nproc', 'threads', 'jobs', 'seeds', 'seeds_other', 'lr',
-                 'upcycle_lr', 'lr_sweep', 'pretrain_tokens_per_param'):
+                 'upcycle_lr', 'lr_sweep', 'pretrain_tokens_per_param', 'hf_base', 'lr_extend', 'lr_check'):
         if getattr(args, flag) is not None:
             out[flag] = getattr(args, flag)
     if getattr(args, 'variants', None):

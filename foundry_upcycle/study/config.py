@@ -46,6 +46,8 @@ DEFAULT_SEEDS_OTHER = 3
 # Each arm's phase-2 lr grid (study/lr_select.py: extended past an edge optimum), x2 steps from the recipes' 2.8e-3.
 # 1.4e-3 was dropped after the default's validation sweep put it 0.04-0.05 nats behind 2.8e-3 for both arms.
 DEFAULT_LR_GRID = (2.8e-3, 5.6e-3, 1.12e-2, 2.24e-2)
+# A real base (hf_base): around the paper's lrs (CPT 5e-5, upcycling 1e-4 at 436M), x2 steps.
+HF_LR_GRID = (2.5e-5, 5e-5, 1e-4, 2e-4)
 LR_CHECKS = ('up', 'both', 'off')
 # One torch thread: results do not depend on the machine's core count, and on a shared machine one thread ran these
 # tiny models ~3x faster than two (busy-waiting OpenMP threads); its CPU time per step is the idle wall time.
@@ -80,6 +82,9 @@ class StudyConfig:
                                                   # neighbour above ('up'), both neighbours ('both'), or 'off'
     dense_checkpoint: Optional[str] = None
     pretrain_tokens: Optional[int] = None
+    # a real dense base instead: a Hugging Face Llama / Mistral directory, trained with yamls/hf (hf_causal_lm) on
+    # the built-in data (or data.*_dir) tokenized with its own tokenizer; pretrain_tokens: what it was trained on
+    hf_base: Optional[str] = None
     # training settings shared by all runs; None keeps the recipe's value
     global_batch_size: Optional[int] = None
     max_seq_len: Optional[int] = None
@@ -150,7 +155,7 @@ class StudyConfig:
                 isinstance(o, str) and '=' in o for o in self.train_overrides):
             raise ValueError(f'train_overrides must be a list of key=value strings, got {self.train_overrides!r}')
         object.__setattr__(self, 'train_overrides', tuple(self.train_overrides))
-        for key in ('dense_checkpoint', 'mds_dir', 'generic_mds_dir', 'tokenizer'):
+        for key in ('dense_checkpoint', 'mds_dir', 'generic_mds_dir', 'tokenizer', 'hf_base'):
             object.__setattr__(self, key, _path_or_none(getattr(self, key), key))
         for key, cls in _NESTED.items():
             if not isinstance(getattr(self, key), cls):
@@ -177,6 +182,9 @@ class StudyConfig:
         object.__setattr__(self, 'arms', value)
 
     def _check_scale(self) -> None:
+        if self.hf_base is not None:
+            self._check_hf_base()
+            return
         if (self.dense_checkpoint is None) != (self.pretrain_tokens is None):
             raise ValueError('dense_checkpoint and pretrain_tokens go together: the budgets are fractions of the '
                              'FLOPs the given dense checkpoint was pretrained with')
@@ -198,6 +206,24 @@ class StudyConfig:
                              'mds_dir')
         if 'pretrain' in self.recipes:
             raise ValueError(f'recipes.pretrain: scale {self.scale} starts from dense_checkpoint, it does not pretrain')
+
+    def _check_hf_base(self) -> None:
+        clash = [k for k in ('dense_checkpoint', 'pretrain_steps', 'mds_dir', 'generic_mds_dir', 'tokenizer')
+                 if getattr(self, k) is not None] + (['pretrain_tokens_per_param'] if self.pretrain_tokens_per_param
+                                                      else []) + (['recipes.pretrain'] if 'pretrain' in self.recipes
+                                                                  else [])
+        if clash:
+            raise ValueError(f'hf_base: {clash} do not apply; the base is the given model (not pretrained here), '
+                             'the data the built-in mix (or data.generic_dir / data.domain_dir) in its own tokenizer')
+        if self.scale != 'tiny':
+            raise ValueError(f'hf_base: scale {self.scale} does not apply (the model is the shape); drop --scale')
+        if self.pretrain_tokens is None:
+            raise ValueError('hf_base needs pretrain_tokens: the tokens the model was pretrained on (its model card; '
+                             'e.g. 2e12 for SmolLM2-135M); the budgets are fractions of those FLOPs')
+        if self.data.tokenizer not in (None, self.hf_base):
+            raise ValueError(f'data.tokenizer ({self.data.tokenizer}): with hf_base the data is tokenized with the '
+                             'model\'s own tokenizer; drop data.tokenizer')
+        object.__setattr__(self, 'data', dataclasses.replace(self.data, tokenizer=self.hf_base))
 
     # ------------------------------------------------------------------ construction
 
@@ -258,11 +284,11 @@ class StudyConfig:
     def recipe_path(self, kind: str) -> Path:
         if kind in self.recipes:
             return Path(self.recipes[kind]).expanduser()
-        return REPO / 'yamls' / self.scale / f'{kind}.yaml'
+        return REPO / 'yamls' / ('hf' if self.hf_base else self.scale) / f'{kind}.yaml'
 
     @property
     def pretrains(self) -> bool:
-        return self.dense_checkpoint is None
+        return self.dense_checkpoint is None and self.hf_base is None
 
     @property
     def regimes(self) -> tuple[float, ...]:
@@ -275,7 +301,9 @@ class StudyConfig:
         lrs (a paper-scale study trains at its recipes' lrs, the paper's, unless given a grid); () none."""
         if self.lr_sweep is not None:
             return self.lr_sweep
-        return () if (self.lr or self.upcycle_lr or self.scale != 'tiny') else DEFAULT_LR_GRID
+        if self.lr or self.upcycle_lr or self.scale != 'tiny':
+            return ()
+        return HF_LR_GRID if self.hf_base else DEFAULT_LR_GRID
 
     def seeds_at(self, budget: float) -> int:
         return self.seeds if budget == max(self.budgets) else self.seeds_other
@@ -317,6 +345,12 @@ def check_paths(cfg: StudyConfig) -> None:
         if not (Path(cfg.tokenizer) / 'tokenizer_config.json').is_file():
             raise ValueError(f'tokenizer: {cfg.tokenizer} is not a Hugging Face tokenizer folder '
                              '(no tokenizer_config.json; save yours with tokenizer.save_pretrained(folder))')
+    if cfg.hf_base is not None:
+        base = Path(cfg.hf_base).expanduser()
+        for name in ('config.json', 'tokenizer_config.json'):
+            if not (base / name).is_file():
+                raise ValueError(f'hf_base: {cfg.hf_base} is not a Hugging Face model directory with its tokenizer '
+                                 f'(no {name}); `foundry-upcycle gguf-to-hf` or save_pretrained writes one')
     if cfg.dense_checkpoint is not None:
         from foundry_upcycle.checkpoint_io import require_readable_file
         require_readable_file(cfg.dense_checkpoint, 'dense_checkpoint')

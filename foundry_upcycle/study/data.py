@@ -21,7 +21,7 @@ from foundry_upcycle.atomic import atomic_output_dir
 from foundry_upcycle.study.corpora import _user_source, _walk_files, collect_documents
 from foundry_upcycle.study.splits import EVAL_SPLITS, SPLITS
 from foundry_upcycle.study.data_config import DataConfig
-from foundry_upcycle.study.mds import document_tokens, train_tokenizer, write_mds
+from foundry_upcycle.study.mds import copy_tokenizer, document_tokens, tokenizer_fingerprint, train_tokenizer, write_mds
 from foundry_upcycle.study.shakespeare import SHAKESPEARE_SHA256
 
 __all__ = ['DataConfig', 'DataArtifacts', 'prepare_data', 'validate_sources', 'config_hash', 'CORPORA', 'SPLITS']
@@ -73,6 +73,9 @@ def config_hash(cfg: DataConfig) -> str:
     inputs['generic_dir'] = _dir_fingerprint(cfg.generic_dir) if cfg.generic_dir else SHAKESPEARE_SHA256
     inputs['domain_dir'] = (_dir_fingerprint(cfg.domain_dir) if cfg.domain_dir else
                             [SHAKESPEARE_SHA256, sys.version, sysconfig.get_paths()['stdlib']])
+    if cfg.tokenizer:          # the tokenizer's files, not where they are
+        inputs['tokenizer'] = tokenizer_fingerprint(cfg.tokenizer)
+        inputs.pop('vocab_size')
     inputs['versions'] = [FORMAT_VERSION, version('tokenizers'), version('llm-foundry'),
                           version('mosaicml-streaming')]
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
@@ -125,23 +128,28 @@ def _build(cfg: DataConfig, tmp: Path, want_hash: str, progress: bool, say: Call
     docs = collect_documents(cfg, progress)
     chars = {f'{c}/{s}': sum(len(d.text) for d in docs[c][s]) for c in CORPORA for s in SPLITS}
     say('text: ' + ', '.join(f'{k} {v / 1e6:.2f}M chars' for k, v in chars.items()))
-    say(f'training a byte-level BPE tokenizer (vocab {cfg.vocab_size})')
-    train_text = (d.text for c in CORPORA for d in docs[c]['train'])
-    train_tokenizer(train_text, tmp / 'tokenizer', cfg.vocab_size, cfg.max_seq_len, progress)
+    if cfg.tokenizer:
+        say(f'tokenizer: {cfg.tokenizer} (the base model\'s own)')
+        copy_tokenizer(cfg.tokenizer, tmp / 'tokenizer', cfg.max_seq_len)
+    else:
+        say(f'training a byte-level BPE tokenizer (vocab {cfg.vocab_size})')
+        train_text = (d.text for c in CORPORA for d in docs[c]['train'])
+        train_tokenizer(train_text, tmp / 'tokenizer', cfg.vocab_size, cfg.max_seq_len, progress)
     from transformers import AutoTokenizer
-    vocab_size = len(AutoTokenizer.from_pretrained(str(tmp / 'tokenizer')))
+    tok = AutoTokenizer.from_pretrained(str(tmp / 'tokenizer'))
+    vocab_size, eos = len(tok), tok.eos_token
     tokens, documents = {}, {}
     for corpus in CORPORA:
         for split in SPLITS:
             say(f'MDS {corpus}/{split} ({len(docs[corpus][split])} documents)')
             samples = write_mds(docs[corpus][split], tmp / 'text' / corpus / split, tmp / 'mds' / corpus / split,
-                                tmp / 'tokenizer', cfg.max_seq_len, progress)
+                                tmp / 'tokenizer', cfg.max_seq_len, eos, progress)
             if samples == 0:
                 raise ValueError(f'{corpus}/{split}: {chars[f"{corpus}/{split}"]} characters make less than one '
                                  f'sample of max_seq_len={cfg.max_seq_len} tokens; raise data.{corpus}_{split}_chars')
             tokens[f'{corpus}/{split}'] = samples * cfg.max_seq_len
             if split in EVAL_SPLITS:
-                lengths = document_tokens(docs[corpus][split], tmp / 'tokenizer', samples, cfg.max_seq_len)
+                lengths = document_tokens(docs[corpus][split], tmp / 'tokenizer', samples, cfg.max_seq_len, eos)
                 documents[f'{corpus}/{split}'] = [{'name': d.name, 'cluster': d.cluster, 'tokens': n}
                                                   for d, n in zip(docs[corpus][split], lengths)]
     return {

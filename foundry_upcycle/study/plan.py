@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from foundry_upcycle.study import arms
+from foundry_upcycle.study import arms, hf_base
 from foundry_upcycle.study.recipes import RunBuilder, moe_model_config, run_lr
 
 
@@ -43,6 +43,8 @@ class StudyPlan:
 
 def timing_models(plan: StudyPlan) -> dict[str, dict[str, Any]]:
     """Each arm's model block as trained (an upcycled one with its load-balancing loss), torch backend."""
+    if hf_base.is_hf_model(plan.dense_model):   # the hf_upcycle_causal_lm block holds its loss weight already
+        return {a: plan.models[a] for a in plan.arms}
     from foundry_upcycle.config import UpcycleConfig
     from foundry_upcycle.transforms import upcycled_model_config
     return {a: (upcycled_model_config(plan.dense_model, UpcycleConfig.from_mapping(plan.blocks[a]), 'torch')
@@ -64,12 +66,19 @@ def make_plan(builder: RunBuilder, pretrain_steps_of) -> StudyPlan:
                              'is the CPT recipe plus one upcycle block)')
         if arms.get(a).is_moe:
             blocks[a] = {k: v for k, v in run['upcycle'].items() if k != 'from'}
-            models[a] = moe_model_config(dense_model, blocks[a])
+            models[a] = (hf_base.moe_model(dense_model, blocks[a], cfg.hf_base) if cfg.hf_base else
+                         moe_model_config(dense_model, blocks[a]))
         else:
             models[a] = dense_model
+    if hf_base.is_hf_model(dense_model) != bool(cfg.hf_base):
+        raise ValueError(f'recipes.cpt: model.name {dense_model.get("name")!r} ' + (
+            'is not hf_causal_lm; a study on hf_base trains with the yamls/hf recipes' if cfg.hf_base else
+            'reads a Hugging Face directory; give it as hf_base (--hf-base), the study\'s real base'))
+    # what the counts read: the model blocks (MPT), or the transformers configs the models build (hf_base)
+    counted = hf_base.counted_configs(models, cfg.hf_base) if cfg.hf_base else models
     seq = int(base['max_seq_len'])
     tokens_per_step = int(base['global_train_batch_size']) * seq
-    params = {a: param_counts(m) for a, m in models.items()}
+    params = {a: param_counts(m) for a, m in counted.items()}
     pretrain_steps, pretrain_lr = None, None
     if cfg.pretrains:
         pretrain_steps = pretrain_steps_of(tokens_per_step, params[arms.BASELINE][0])
@@ -81,13 +90,14 @@ def make_plan(builder: RunBuilder, pretrain_steps_of) -> StudyPlan:
         pretrain_lr = float(pre['optimizer']['lr'])
     else:
         pretrain_tokens = cfg.pretrain_tokens
-    flops = {a: train_flops_per_token(m, seq) for a, m in models.items()}
+    flops = {a: train_flops_per_token(m, seq) for a, m in counted.items()}
     steps, targets = {}, {}
+    dense_counted = counted[arms.BASELINE]
     for b in cfg.budgets:
         for a in cfg.arms:
             i = 0 if a == arms.BASELINE else 1
-            steps[(a, b)] = matched_steps(dense_model, models[a], b, pretrain_tokens, seq, tokens_per_step)[i]
-            targets[(a, b)] = matched_tokens(dense_model, models[a], b, pretrain_tokens, seq)[i]
+            steps[(a, b)] = matched_steps(dense_counted, counted[a], b, pretrain_tokens, seq, tokens_per_step)[i]
+            targets[(a, b)] = matched_tokens(dense_counted, counted[a], b, pretrain_tokens, seq)[i]
     lrs = {a: _lr(cfg, run, arms.get(a).is_moe) for a, run in resolved.items()}
     return StudyPlan(tuple(cfg.arms), seq, tokens_per_step, pretrain_steps, pretrain_tokens, pretrain_lr, dense_model,
                      models, blocks, flops, params, steps, targets, lrs)

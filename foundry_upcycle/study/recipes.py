@@ -169,10 +169,13 @@ class RunBuilder:
             top['callbacks'] = {'upcycle_router_monitor': {'interval': max(1, steps // ROUTER_POINTS)}}
         if kind != 'pretrain':
             variables['warmup'] = warmup(steps, cfg.warmup_fraction)
-            paths['dense_checkpoint'] = dense_checkpoint
+            if cfg.hf_base:         # the yamls/hf recipes read the base directory (a path: not hashed)
+                paths['model'] = str(Path(cfg.hf_base).expanduser().absolute())
+            else:
+                paths['dense_checkpoint'] = dense_checkpoint
         if tiny:
             variables.update(save_interval=f'{max(1, min(steps, 100))}ba', eval_interval=f'{steps}ba')
-            if self.data is not None and 'vocab_size' not in cfg.model:
+            if self.data is not None and 'vocab_size' not in cfg.model and not cfg.hf_base:
                 top['model'] = {'vocab_size': self.data.vocab_size}
             pretrain = kind == 'pretrain'
             paths.update(data_dir=dp.get('pretrain' if pretrain else 'train'),

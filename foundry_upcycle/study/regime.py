@@ -11,6 +11,7 @@ PAPER_TOKENS_PER_PARAM = (100, 460)      # Table 2: 436M x 100 / 200 / 460 ... 1
 PAPER_CPT_SLOPE = (0.014, 0.025)         # nats of CE per doubling of CPT tokens, read off the paper's curves
 OVERTRAINED_TOKENS_PER_PARAM = 60        # below this the base is not in the paper's regime
 NEAR_CHANCE = 0.9                        # base domain CE above this fraction of ln(V): the base barely knows the domain
+PAPER_MIN_BUDGET = 0.1                   # the paper's smallest phase-2 budget, a fraction of the pretraining FLOPs
 
 
 def regime(dense: Mapping[str, Any], arms: list[Mapping[str, Any]], vocab_size: Optional[int],
@@ -25,6 +26,10 @@ def regime(dense: Mapping[str, Any], arms: list[Mapping[str, Any]], vocab_size: 
     knows_domain = base_ce is not None and chance is not None and base_ce < NEAR_CHANCE * chance
     lrs_below_peak = pretrain_lr is None or all(lr < pretrain_lr for lr in lrs.values())
     reasons = []
+    budget = max((a['budget'] for a in arms if a.get('budget') is not None), default=None)
+    if budget is not None and budget < PAPER_MIN_BUDGET:     # e.g. a real base on a CPU (study --hf-base)
+        reasons.append(f'the largest budget, {budget:g} of the base\'s pretraining FLOPs, is far below the paper\'s '
+                       f'{PAPER_MIN_BUDGET:g}-1.0: phase 2 barely moves the base')
     if not overtrained:
         reasons.append(f'the base saw {tpp:.3g} tokens per parameter (the paper: {PAPER_TOKENS_PER_PARAM[0]}-'
                        f'{PAPER_TOKENS_PER_PARAM[1]}; this study needs >= {OVERTRAINED_TOKENS_PER_PARAM})'

@@ -52,7 +52,9 @@ def _step_fn(model, batch_size: int, seq_len: int, vocab: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
     batch = {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': ids.clone()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # one tensor at a time, as Composer's DecoupledAdamW steps (foreach would hold extra copies of every parameter:
+    # a real base's MoE beside its dense model ran out of 24 GB with it)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
     model.train()
 
     def step() -> tuple[float, float]:
@@ -84,7 +86,8 @@ def measure_step_times(models: Mapping[str, Mapping[str, Any]], tokenizer_dir: s
         for arm, cfg in models.items():
             torch.manual_seed(0)
             model = _build(cfg, tok)
-            steps[arm] = _step_fn(model, batch_size, seq_len, int(cfg['vocab_size']), seed=0)
+            vocab = int(cfg.get('vocab_size') or model.model.config.vocab_size)   # an hf_causal_lm block has none
+            steps[arm] = _step_fn(model, batch_size, seq_len, vocab, seed=0)
         load_before = load_average()
         times, cpu = interleave(steps, warmup, rounds, steps_per_round)
         load_after = load_average()
