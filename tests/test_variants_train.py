@@ -67,6 +67,7 @@ def test_exact_variant_starts_at_cpt_ce(corpus, dense_checkpoint, cpt_ce, tmp_pa
     ce, loader = step0_ce(trainer), next(c for c in trainer.state.callbacks if type(c).__name__ == 'UpcycleLoader')
     trainer.close()
     assert loader.report['fresh_after_load'] is True
+    print(f'\nstep-0 eval CE, {name}: {ce}; CPT: {cpt_ce}')
     for split in SPLITS:
         assert abs(ce[split] - cpt_ce[split]) < 1e-5, (name, split, ce[split], cpt_ce[split])
     # the router monitor: every expert of every MoE block (and only those), spread 0 for the fresh copies
@@ -108,6 +109,7 @@ def test_grow_starts_at_its_source_moe_ce(corpus, dense_checkpoint, tmp_path):
     assert (ffn.experts.mlp.w1.shape[0] // 160, trainer.state.model.config.ffn_config['moe_top_k']) == (8, 2)
     trainer.close()
     assert loader.report['fresh_after_load'] is True
+    print(f'\nstep-0 eval CE, grow 2: {ce}; source MoE: {source_ce}')
     for split in SPLITS:
         assert abs(ce[split] - source_ce[split]) < 1e-5, (split, ce[split], source_ce[split])
     metrics = read_jsonl(tmp_path / 'grown' / 'metrics.jsonl')
@@ -128,6 +130,7 @@ def test_drop_upcycling_trains_from_the_redrawn_weights(corpus, dense_checkpoint
     got = {k: v.detach().clone() for k, v in trainer.state.model.model.state_dict().items() if 'experts' in k}
     trainer.close()
     assert loader.report['fresh_after_load'] is None
+    print(f'\nstep-0 eval CE, drop_ratio 0.5: {ce}; CPT: {cpt_ce}')
     assert max(abs(ce[s] - cpt_ce[s]) for s in SPLITS) > 1e-3, (ce, cpt_ce)   # exact variants: < 1e-5
     dense = load_state_dict(str(dense_checkpoint))
     want = upcycle_state_dict({k[len('model.'):]: v for k, v in dense.items()}, 4, seed=7, drop_ratio=0.5)
