@@ -44,11 +44,11 @@ def upcycled_state_dict() -> dict[str, torch.Tensor]:
                               expert_noise_std=0.5)
 
 
-def build(backend: str, state_dict, device: str):
+def build(backend: str, state_dict, device: str, block: UpcycleConfig = UCFG):
     """mpt_upcycle_causal_lm as the upcycle block configures it (fp32 params; bf16 comes from autocast)."""
     from foundry_upcycle.model import ComposerMPTUpcycleCausalLM
     from foundry_upcycle.transforms import upcycled_model_config
-    cfg = upcycled_model_config({'name': 'mpt_causal_lm', **DENSE}, UCFG, backend)
+    cfg = upcycled_model_config({'name': 'mpt_causal_lm', **DENSE}, block, backend)
     cfg.pop('name')
     model = ComposerMPTUpcycleCausalLM(**cfg, init_device=device)
     model.load_state_dict({k: v.to(device) for k, v in state_dict.items()}, strict=True)

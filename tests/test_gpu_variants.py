@@ -12,20 +12,14 @@ import torch
 from foundry_upcycle.config import UpcycleConfig
 from foundry_upcycle.moe_backend import megablocks_unavailable_reason
 from foundry_upcycle.upcycle import upcycle_state_dict
-from test_gpu import DENSE, TOL, _ids, differences, step
+from test_gpu import DENSE, TOL, _ids, build, differences, step
 
 _REASON = megablocks_unavailable_reason()
 BLOCK = UpcycleConfig(num_experts=4, top_k=1, granularity=2, moe_layers=[1], load_balancing_loss_weight=0.01)
 
 
 def _build(backend: str, state_dict, device: str):
-    from foundry_upcycle.model import ComposerMPTUpcycleCausalLM
-    from foundry_upcycle.transforms import upcycled_model_config
-    cfg = upcycled_model_config({'name': 'mpt_causal_lm', **DENSE}, BLOCK, backend)
-    cfg.pop('name')
-    model = ComposerMPTUpcycleCausalLM(**cfg, init_device=device)
-    model.load_state_dict({k: v.to(device) for k, v in state_dict.items()}, strict=True)
-    return model.train()
+    return build(backend, state_dict, device, BLOCK)
 
 
 @pytest.mark.gpu
