@@ -39,15 +39,39 @@ def pytest_runtest_setup(item):
     return result
 
 
+_SHARED_MEMORY_MADE = [0]   # streaming SharedMemory objects created in this process since the counter went in
+
+
+def _count_shared_memory() -> bool:
+    """Counts streaming's SharedMemory constructions (every dataset and every attachment makes some); returns
+    False if the counter was already in place."""
+    from streaming.base.shared.memory import SharedMemory
+    if getattr(SharedMemory.__init__, 'counted', False):
+        return False
+    init = SharedMemory.__init__
+
+    def counted_init(self, *args, **kwargs):
+        _SHARED_MEMORY_MADE[0] += 1
+        init(self, *args, **kwargs)
+    counted_init.counted = True
+    SharedMemory.__init__ = counted_init
+    return True
+
+
 @pytest.fixture(autouse=True)
 def release_streaming():
-    """After each test: stop the streaming datasets it left iterating and close their shared memory. Streaming
-    keeps both until the process exits (`foundry_upcycle/study/streaming_memory.py`); over the whole suite the
-    session ran out of file descriptors (1024) without this."""
-    yield
-    import gc
+    """After each test that made streaming shared memory: stop the datasets it left iterating and close their
+    shared memory. Streaming keeps both until the process exits (`foundry_upcycle/study/streaming_memory.py`); over
+    the whole suite the session ran out of file descriptors (1024) without this. A test that made none is skipped:
+    the release scans the whole heap (seconds per test in this session's heap)."""
     import sys
-    if 'streaming' in sys.modules:
+    before = _SHARED_MEMORY_MADE[0]
+    yield
+    if 'streaming' not in sys.modules:
+        return
+    first = _count_shared_memory()           # streaming was imported during this test: release unconditionally
+    if first or _SHARED_MEMORY_MADE[0] != before:
+        import gc
         from streaming import StreamingDataset
         from foundry_upcycle.study.streaming_memory import release
         gc.collect()

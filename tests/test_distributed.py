@@ -30,6 +30,8 @@ pytestmark = pytest.mark.slow
 
 FSDP2 = {'FSDP_VERSION': '2'}
 RESUME = {'variables.max_duration': '4ba', 'variables.save_interval': '4ba', 'variables.eval_interval': '4ba'}
+KILLED = {'variables.max_duration': '4ba', 'variables.save_interval': '2ba', 'variables.eval_interval': '4ba',
+          'eval_first': False}
 
 
 def _fsdp(**kw) -> dict:
@@ -47,6 +49,8 @@ MODES = {
     # Restarts of the runs above from their own checkpoints (autoresume), 2 more steps.
     'fsdp2_resume': {'run_name': 'fsdp2', 'overrides': {**_fsdp(), **RESUME}, 'env': FSDP2},
     'fsdp2_mixed_resume': {'run_name': 'fsdp2_mixed', 'overrides': {**MIXED, **RESUME}, 'env': FSDP2},
+    # The restart of the run the `killed` launch SIGKILLed right after its first checkpoint (batch 2).
+    'killed_resume': {'run_name': 'killed', 'overrides': {**_fsdp(), **KILLED}, 'env': FSDP2},
 }
 TRAINED = [m for m in MODES if not m.endswith('_resume')]
 
@@ -83,7 +87,22 @@ def single(corpus, dense_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def runs(single, corpus, dense_checkpoint):
+def killed(single, corpus, dense_checkpoint):
+    """A `composer -n 2` FSDP2 run (sharded checkpoints) that a callback SIGKILLs (launcher and ranks, no cleanup)
+    right after its first checkpoint; `runs` restarts it (mode `killed_resume`): one launch fewer than a separate
+    restart. Returns the killed launch and whether it wrote any results."""
+    out = single[0]
+    spec = out / 'killed_spec.json'
+    mode = {'overrides': {**_fsdp(), **KILLED}, 'env': FSDP2, 'kill_after_first_save': True}
+    spec.write_text(json.dumps({'out': str(out), 'base': _base(corpus, dense_checkpoint, out),
+                                'modes': {'killed': mode}}))
+    first = subprocess.run(_launch(spec), capture_output=True, text=True, env=_env(), cwd=out, timeout=900,
+                           start_new_session=True)  # its own process group: the one the callback kills
+    return first, (out / 'results.json').exists()
+
+
+@pytest.fixture(scope='module')
+def runs(single, killed, corpus, dense_checkpoint):
     out, results = single[0], {'single': single[1]}
     base = _base(corpus, dense_checkpoint, out)
     spec = out / 'spec.json'
@@ -183,29 +202,17 @@ def test_safetensors_bare_keys_relative_path_and_zloss(single, corpus, dense_che
     trainer.close()
 
 
-def test_fsdp2_run_killed_with_sigkill_resumes_with_trained_experts(corpus, dense_checkpoint, tmp_path):
+def test_fsdp2_run_killed_with_sigkill_resumes_with_trained_experts(killed, runs):
     """`composer -n 2` FSDP2 (sharded checkpoints) SIGKILLed (launcher and ranks, no cleanup) by a callback right
     after its first checkpoint (batch 2), then restarted: it resumes at exactly that batch with trained experts."""
-    out = tmp_path / 'run'
-    out.mkdir()
-    spec = tmp_path / 'spec.json'
-    base = _base(corpus, dense_checkpoint, tmp_path)
-    base['variables'].update(max_duration='4ba', save_interval='2ba', eval_interval='4ba')
-    base['eval_first'] = False
-    killed = {'overrides': _fsdp(), 'env': FSDP2}
-    spec.write_text(json.dumps({'out': str(out), 'base': base,
-                                'modes': {'killed': {**killed, 'kill_after_first_save': True}}}))
-    first = subprocess.run(_launch(spec), capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=900,
-                           start_new_session=True)  # its own process group: the one the callback kills
+    (first, wrote_results), (out, results) = killed, runs
     assert first.returncode == -signal.SIGKILL, first.stdout[-3000:] + first.stderr[-3000:]
     marker = json.loads((out / 'killed_at.json').read_text())
-    assert marker['batch'] == 2 and not (out / 'results.json').exists(), marker  # killed mid-run, before batch 2
+    assert marker['batch'] == 2 and not wrote_results, marker  # killed mid-run, before batch 2
     assert (out / 'killed' / 'checkpoints' / 'latest-rank0.pt').exists()
-    spec.write_text(json.dumps({'out': str(out), 'base': base, 'modes': {'killed': killed}}))
-    second = subprocess.run(_launch(spec), capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=900)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    r = json.loads((out / 'results.json').read_text())['killed']
+    r = results['killed_resume']
     assert 'error' not in r, r.get('traceback')
     assert r['loader']['action'] == 'skipped' and r['loader']['fresh_after_load'] is False, r['loader']
+    assert r['opened_by_rank'] == [0, 0], 'a resumed run reads no dense checkpoint'
     assert r['batch'] == 4 and [b for b, _ in r['loss']] == [2, 3]  # continued from the checkpoint, not from 0
-    assert expert_spread(_params(out, 'killed')['model.transformer.blocks.0.ffn.experts.mlp.w1'], 8) > 0
+    assert expert_spread(_params(out, 'killed_resume')['model.transformer.blocks.0.ffn.experts.mlp.w1'], 8) > 0
