@@ -25,7 +25,7 @@ ON_GPU = torch.cuda.is_available()
 REHEARSE = os.environ.get('FOUNDRY_UPCYCLE_REHEARSE_GPU_TRAIN') == '1'
 ROUTER = {'callbacks.upcycle_router_monitor': {'interval': 1}}
 BF16 = {'precision': 'amp_bf16'}
-CPT = {'upcycle': None}
+CPT = {'upcycle': None, 'callbacks.upcycle_router_monitor': None}  # _base adds the monitor; CPT has no MoE for it
 MODES = {
     'cpt_fp32': {'overrides': {**CPT, **(_fsdp() if ON_GPU else {})}},  # FSDP1 needs CUDA (Composer)
     'upcycle_fsdp1_fp32': {'overrides': {**_fsdp(activation_checkpointing=True), **ROUTER}},

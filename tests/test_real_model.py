@@ -86,8 +86,8 @@ def test_llmfoundry_eval_of_the_saved_mixtral(arms, tmp_path):
     for path in default_local_data().glob('*/*.jsonl'):
         (tmp_path / 'data' / path.parent.name).mkdir(parents=True, exist_ok=True)
         (tmp_path / 'data' / path.parent.name / path.name).write_text(''.join(path.read_text().splitlines(True)[:8]))
-    cli = Path(sys.executable).parent / 'llmfoundry'
-    run = subprocess.run([str(cli), 'eval', str(YAMLS / 'hf' / 'eval.yaml'), f'variables.model={saved}',
+    # `python -m llmfoundry.cli.cli` is the `llmfoundry` console script (also where a --target install has no scripts)
+    run = subprocess.run([sys.executable, '-m', 'llmfoundry.cli.cli', 'eval', str(YAMLS / 'hf' / 'eval.yaml'), f'variables.model={saved}',
                           f'variables.eval_data={tmp_path / "data"}', 'variables.max_seq_len=256'],
                          capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

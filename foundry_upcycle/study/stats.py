@@ -36,9 +36,55 @@ def summary(values: Sequence[float]) -> dict[str, Optional[float]]:
     return {'mean': mean, 'std': std, 'sem': std / math.sqrt(n), 'n': n}
 
 
+def _betainc_cf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta I_x(a, b) (modified Lentz), for x < (a+1)/(a+b+2)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    log_front = a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    return math.exp(log_front) * h / a
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x < (a + 1) / (a + b + 2):
+        return _betainc_cf(a, b, x)
+    return 1.0 - _betainc_cf(b, a, 1.0 - x)
+
+
+def t_cdf(t: float, df: float) -> float:
+    """Student t CDF: 1 - I_{df/(df+t^2)}(df/2, 1/2) / 2 for t >= 0."""
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
 def t_quantile(p: float, df: float) -> float:
-    from scipy.stats import t
-    return float(t.ppf(p, df))
+    """Student t quantile (standard library only: the study also runs where scipy is not installed), by bisection
+    on `t_cdf` to double precision."""
+    if not (0.0 < p < 1.0 and df > 0):
+        raise ValueError(f't_quantile: need 0 < p < 1 and df > 0, got p={p!r}, df={df!r}')
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
 
 
 def gap_test(gap: float, var_seeds: float, df_seeds: float, var_eval: float, df_eval: float,
