@@ -74,7 +74,8 @@ def test_a_real_gap_is_found_with_its_interval():
 
 # Student t quantiles from printed tables (Abramowitz & Stegun 26.10 / any statistics text): (p, df, t)
 T_TABLE = [(0.975, 1, 12.7062047), (0.975, 2, 4.30265273), (0.975, 3, 3.18244631), (0.975, 10, 2.22813885),
-           (0.975, 30, 2.04227246), (0.95, 5, 2.01504837), (0.995, 4, 4.60409487), (0.975, 1000, 1.96233908)]
+           (0.975, 30, 2.04227246), (0.95, 5, 2.01504837), (0.995, 4, 4.60409487), (0.975, 1000, 1.96233908),
+           (0.975, math.inf, 1.95996398)]
 
 
 @pytest.mark.parametrize('p, df, want', T_TABLE)
@@ -86,7 +87,7 @@ def test_t_quantile_matches_the_tables_without_scipy(p, df, want):
 
 def test_t_quantile_matches_scipy_at_fractional_df():
     t = pytest.importorskip('scipy.stats', reason='scipy not installed: the table test covers t_quantile').t
-    for df in (0.5, 1, 1.5, 2, 2.7, 4, 7.3, 29, 81, 400, 1e5):
+    for df in (0.5, 1, 1.5, 2, 2.7, 4, 7.3, 29, 81, 400, 1e5, math.inf):
         for p in (0.6, 0.9, 0.975, 0.995, 0.9995, 0.025):
             assert stats.t_quantile(p, df) == pytest.approx(float(t.ppf(p, df)), rel=1e-9, abs=1e-12), (p, df)
     with pytest.raises(ValueError, match='t_quantile'):

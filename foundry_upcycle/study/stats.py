@@ -17,6 +17,7 @@ stays at or below 5%. (The old rule, |gap| > 2 SE with per-arm SEs, fires 14-30%
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Mapping, Optional, Sequence
 
 ALPHA = 0.05
@@ -65,6 +66,8 @@ def _betainc(a: float, b: float, x: float) -> float:
 
 def t_cdf(t: float, df: float) -> float:
     """Student t CDF: 1 - I_{df/(df+t^2)}(df/2, 1/2) / 2 for t >= 0."""
+    if math.isinf(df):
+        return NormalDist().cdf(t)
     tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
     return 1.0 - tail if t >= 0 else tail
 
@@ -76,6 +79,8 @@ def t_quantile(p: float, df: float) -> float:
         raise ValueError(f't_quantile: need 0 < p < 1 and df > 0, got p={p!r}, df={df!r}')
     if p < 0.5:
         return -t_quantile(1.0 - p, df)
+    if math.isinf(df):                          # the normal limit (a binomial accuracy's interval)
+        return NormalDist().inv_cdf(p)
     lo, hi = 0.0, 1.0
     while t_cdf(hi, df) < p:
         lo, hi = hi, hi * 2
