@@ -31,7 +31,8 @@ cases = ET.parse(sys.argv[1]).getroot().iter('testcase')
 per = collections.defaultdict(lambda: collections.Counter())
 why = collections.defaultdict(list)
 for c in cases:
-    f = c.get('classname', '').split('.')[0] or '?'
+    parts = c.get('classname', '').split('.')   # tests.test_x[.Class]: per test file
+    f = next((p for p in parts if p.startswith('test_')), parts[0] or '?')
     kind = next((k.tag for k in c if k.tag in ('failure', 'error', 'skipped')), 'passed')
     per[f][kind] += 1
     if kind != 'passed':
