@@ -78,12 +78,12 @@ def test_step0_ce_equal_on_real_text_and_both_arms_train(arms):
 
 def test_llmfoundry_eval_of_the_saved_mixtral(arms, tmp_path):
     """`llmfoundry eval yamls/hf/eval.yaml` on the hf_checkpointer's Mixtral, over the shipped samples (8 each)."""
-    from foundry_upcycle.study.gauntlet import default_local_data
+    from foundry_upcycle.study.eval_config import shipped_eval_data   # in the package: no ../shared needed
     from conftest import YAMLS, load_recipe
     saved = sorted((arms['upcycle']['dir'] / 'hf' / 'huggingface').iterdir())[-1]
     assert json.loads((saved / 'config.json').read_text())['architectures'] == ['MixtralForCausalLM']
     labels = [t['label'] for t in load_recipe('hf/eval.yaml')['icl_tasks']]
-    for path in default_local_data().glob('*/*.jsonl'):
+    for path in shipped_eval_data().glob('*/*.jsonl'):
         (tmp_path / 'data' / path.parent.name).mkdir(parents=True, exist_ok=True)
         (tmp_path / 'data' / path.parent.name / path.name).write_text(''.join(path.read_text().splitlines(True)[:8]))
     # `python -m llmfoundry.cli.cli` is the `llmfoundry` console script (also where a --target install has no scripts)
